@@ -1,0 +1,1 @@
+"""Loading and caching the Qwen-Image-Edit pipeline."""

@@ -1,0 +1,391 @@
+"""Loading QwenImageEditPlusPipeline and keeping exactly one alive between queue runs.
+
+The cache holds one pipeline keyed by the settings the user chose (with `auto` unresolved, so a
+warm cache is never missed because free memory changed). A different key releases the old pipeline
+and its memory before the new one loads. Nodes pass around a `PipeHandle` (settings only), never the
+pipeline itself, so ComfyUI's node-output cache cannot keep a released pipeline alive.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..utils import comfy
+from .placement import Placement, plan_placement
+from .weights import ModelFolder, ModelFolderError, inspect_model_folder
+
+log = logging.getLogger("qwen_image_edit")
+
+HUB_MODELS = ("Qwen/Qwen-Image-Edit-2511", "Qwen/Qwen-Image-Edit-2509")
+PRECISIONS = ("bfloat16", "float16", "float32")
+VAE_PRECISIONS = ("same", "float32", "bfloat16", "float16")
+QUANTIZATIONS = ("auto", "none", "nf4", "8bit")
+QUANTIZE_COMPONENTS = ("transformer+text_encoder", "transformer", "text_encoder")
+DEVICES = ("auto", "cuda", "cpu", "mps", "xpu")
+OFFLOADS = ("auto", "none", "model", "sequential", "group")
+_BYTES_PER_PARAM = {"bfloat16": 2, "float16": 2, "float32": 4}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class LoadError(RuntimeError):
+    """A load failed; the message says what was wrong and what to do. The cache is left empty."""
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """Everything that decides which pipeline is loaded: the cache key."""
+
+    model: str
+    precision: str = "bfloat16"
+    vae_precision: str = "same"
+    quantization: str = "auto"
+    quantize: str = "transformer+text_encoder"
+    device: str = "auto"
+    offload: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name, allowed in (
+            ("precision", PRECISIONS), ("vae_precision", VAE_PRECISIONS), ("quantization", QUANTIZATIONS),
+            ("quantize", QUANTIZE_COMPONENTS), ("offload", OFFLOADS),
+        ):
+            if getattr(self, name) not in allowed:
+                raise LoadError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}.")
+        if not self.model or not str(self.model).strip():
+            raise LoadError("No model given: choose a folder under ComfyUI/models/diffusers or a hub id.")
+        if self.device.split(":")[0] not in DEVICES:
+            raise LoadError(f"device={self.device!r} is not one of {', '.join(DEVICES)} (or cuda:N).")
+
+
+@dataclass(frozen=True)
+class PipeHandle:
+    """What flows along a QWEN_IMAGE_EDIT_PIPE link: the load settings plus the LoRAs to apply."""
+
+    settings: LoadSettings
+    loras: tuple = ()
+
+
+@dataclass
+class LoadedPipeline:
+    pipe: Any
+    settings: LoadSettings
+    folder: ModelFolder
+    device: str
+    placement: Placement
+    load_seconds: float
+    state: dict = field(default_factory=dict)
+
+    @property
+    def is_2511(self) -> bool:
+        return self.folder.zero_cond_t
+
+
+_lock = threading.RLock()
+_loaded: LoadedPipeline | None = None
+
+
+def current_pipeline() -> LoadedPipeline | None:
+    return _loaded
+
+
+def get_pipeline(settings: LoadSettings) -> LoadedPipeline:
+    """The cached pipeline for `settings`, loading it (after releasing any other) on a miss."""
+    global _loaded
+    hit = _loaded
+    if hit is not None and hit.settings == settings:
+        return hit
+    del hit  # a local reference would keep the old pipeline alive through the new load
+    with _lock:
+        if _loaded is not None and _loaded.settings == settings:
+            return _loaded
+        release_pipeline()
+        comfy.unload_comfy_models()
+        _loaded = _load(settings)
+        return _loaded
+
+
+def release_pipeline() -> bool:
+    """Drop the cached pipeline and free its memory. Returns whether one was loaded."""
+    global _loaded
+    with _lock:
+        loaded, _loaded = _loaded, None
+        if loaded is None:
+            return False
+        try:
+            loaded.pipe.remove_all_hooks()
+        except Exception:  # noqa: BLE001 - hooks are best effort; the references go either way
+            pass
+        log.info("Qwen-Image-Edit: released %s", loaded.settings.model)
+        del loaded
+        comfy.empty_cache()
+        return True
+
+
+def install_comfy_hooks() -> None:
+    """Make ComfyUI's "Unload models" / POST /free release our pipeline too. Idempotent."""
+    comfy.on_comfy_free(release_pipeline)
+
+
+install_comfy_hooks()
+
+
+# -- model sources ---------------------------------------------------------------------------------
+
+
+def list_models() -> list[str]:
+    """Combo values: diffusers folders under ComfyUI's models/diffusers paths, then the hub ids."""
+    names: list[str] = []
+    for root in comfy.diffusers_model_dirs():
+        if not root.is_dir():
+            continue
+        for index in sorted(root.glob("*/model_index.json")) + sorted(root.glob("*/*/model_index.json")):
+            name = index.parent.relative_to(root).as_posix()
+            if name not in names:
+                names.append(name)
+    return names + [m for m in HUB_MODELS if m not in names]
+
+
+def download_command(repo_id: str) -> str:
+    target = f"ComfyUI/models/diffusers/{repo_id.split('/')[-1]}"
+    return f"hf download {repo_id} --local-dir {target}"
+
+
+def resolve_model_path(model: str) -> Path:
+    """A combo value, path or hub id to a local folder. Never downloads."""
+    for root in comfy.diffusers_model_dirs():
+        candidate = root / model
+        if (candidate / "model_index.json").is_file():
+            return candidate
+    path = Path(model).expanduser()
+    if path.exists() or not _HUB_ID.match(model):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, local_files_only=True))
+    except Exception:  # noqa: BLE001 - any failure here means "not in the local cache"
+        raise LoadError(
+            f"{model} is neither a folder under ComfyUI/models/diffusers nor in the Hugging Face cache, and "
+            f"this pack never downloads ~58 GB inside a queue run. Download it first:\n  {download_command(model)}\n"
+            "then restart ComfyUI (or refresh) and pick it in the model list."
+        ) from None
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return comfy.default_device()
+    kind = device.split(":")[0]
+    available = {
+        "cpu": True,
+        "cuda": torch.cuda.is_available(),
+        "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available(),
+        "xpu": hasattr(torch, "xpu") and torch.xpu.is_available(),
+    }[kind]
+    if not available:
+        raise LoadError(f"device={device!r} is not available on this machine. Choose 'auto' or 'cpu'.")
+    return device
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def dtype_kwarg() -> str:
+    """diffusers 0.40 renamed `torch_dtype` to `dtype` (the old name warns); 0.37-0.39 know only the old."""
+    import diffusers
+    from packaging.version import Version
+
+    return "dtype" if Version(diffusers.__version__).release >= (0, 40) else "torch_dtype"
+
+
+def quantized_components(settings: LoadSettings) -> tuple[str, ...]:
+    return tuple(settings.quantize.split("+"))
+
+
+def check_quantization_supported(quantization: str, components: tuple[str, ...], device: str) -> None:
+    """Refuse, before loading anything, a quantization this machine cannot do."""
+    if quantization == "none":
+        return
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise LoadError(
+            f"quantization={quantization!r} needs bitsandbytes, which is not installed. Run "
+            "`pip install bitsandbytes` in ComfyUI's Python, or choose quantization 'none'."
+        )
+    kind = device.split(":")[0]
+    if kind == "mps":
+        raise LoadError("bitsandbytes does not run on Apple MPS. Choose quantization 'none'.")
+    if "transformer" in components and not (kind == "cuda" and torch.cuda.is_available()):
+        raise LoadError(
+            f"diffusers quantizes the transformer with bitsandbytes only on a CUDA GPU, and this run is on "
+            f"{device}. Choose quantization 'none', or quantize only the text_encoder (which also works on CPU)."
+        )
+
+
+def quantization_config(quantization: str, components: tuple[str, ...], compute_dtype: Any) -> Any:
+    """diffusers' PipelineQuantizationConfig for bitsandbytes NF4 or 8-bit on `components`."""
+    if quantization == "none" or not components:
+        return None
+    from diffusers import BitsAndBytesConfig as DiffusersBnb
+    from diffusers import PipelineQuantizationConfig
+    from transformers import BitsAndBytesConfig as TransformersBnb
+
+    if quantization == "nf4":
+        kwargs = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
+    else:
+        kwargs = dict(load_in_8bit=True)
+    mapping = {}
+    if "transformer" in components:
+        # The first block's image modulation is tiny and quality-sensitive; common practice keeps it.
+        mapping["transformer"] = DiffusersBnb(**kwargs, llm_int8_skip_modules=["transformer_blocks.0.img_mod"])
+    if "text_encoder" in components:
+        mapping["text_encoder"] = TransformersBnb(**kwargs)
+    return PipelineQuantizationConfig(quant_mapping=mapping)
+
+
+def check_zero_cond_t(folder: ModelFolder, transformer: Any = None) -> None:
+    """Fail loudly where the installed diffusers would silently run Edit-2511 without zero_cond_t."""
+    if not folder.zero_cond_t:
+        return
+    import inspect
+
+    import diffusers
+    from diffusers import QwenImageTransformer2DModel
+
+    supported = "zero_cond_t" in inspect.signature(QwenImageTransformer2DModel.__init__).parameters
+    honoured = transformer is None or bool(getattr(transformer.config, "zero_cond_t", False))
+    if not (supported and honoured):
+        raise LoadError(
+            f"{folder.path} is Qwen-Image-Edit-2511 (its transformer sets zero_cond_t), but diffusers "
+            f"{diffusers.__version__} ignores that setting and would silently produce wrong edits. Upgrade: "
+            "pip install -U 'diffusers>=0.37'"
+        )
+
+
+def _plan(settings: LoadSettings, folder: ModelFolder, device: str) -> Placement:
+    per_param = _BYTES_PER_PARAM[settings.precision]
+    sizes = {name: folder.bytes_at(per_param, name) for name in folder.components}
+    kind = device.split(":")[0]
+    if kind in ("cuda", "xpu"):
+        can_quantize = kind == "cuda" and _has_bitsandbytes()
+        free = comfy.free_device_memory(device)
+    else:
+        can_quantize, free = False, None
+    components = quantized_components(settings)
+    already = {n for n, c in folder.components.items() if c.pre_quantized}
+    if already:
+        # A pre-quantized checkpoint is what it is: its size already reflects the quantization.
+        components = tuple(c for c in components if c not in already)
+    return plan_placement(sizes, free, kind, settings.quantization, settings.offload, components, can_quantize)
+
+
+def _has_bitsandbytes() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def _apply_offload(pipe: Any, offload: str, device: str) -> None:
+    import torch
+
+    kind = device.split(":")[0]
+    if offload in ("model", "sequential") and kind == "cpu":
+        raise LoadError(f"offload={offload!r} moves weights between CPU and a GPU, so it needs a GPU. On CPU choose 'none'.")
+    if offload == "none":
+        pipe.to(device)
+    elif offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        pipe.enable_sequential_cpu_offload(device=device)
+    elif offload == "group":
+        pipe.enable_group_offload(
+            onload_device=torch.device(device),
+            offload_device=torch.device("cpu"),
+            offload_type="block_level",
+            num_blocks_per_group=1,
+            use_stream=kind == "cuda",
+            exclude_modules=["vae"],
+        )
+
+
+def _oom_message(settings: LoadSettings, placement: Placement, device: str) -> str:
+    free = comfy.free_device_memory(device)
+    free_txt = f"{free / 2**30:.1f} GB free" if free is not None else "free memory unknown"
+    return (
+        f"Out of memory on {device} while loading {settings.model} (quantization={placement.quantization}, "
+        f"offload={placement.offload}, needs ~{placement.needed_bytes / 2**30:.1f} GB; {free_txt}). "
+        "Choose quantization 'nf4' and offload 'model' (16-24 GB cards) or 'group' (8-12 GB cards), "
+        "or leave both on 'auto'; close other programs using the GPU."
+    )
+
+
+def _load(settings: LoadSettings) -> LoadedPipeline:
+    import torch
+
+    start = time.perf_counter()
+    pipe = None
+    device, placement = settings.device, Placement("unplanned", "unplanned", "", 0)
+    try:
+        device = resolve_device(settings.device)
+        folder = inspect_model_folder(resolve_model_path(settings.model))
+        if folder.pipeline_class != "QwenImageEditPlusPipeline":
+            raise LoadError(
+                f"{folder.path} is a {folder.pipeline_class}; this pack runs QwenImageEditPlusPipeline "
+                "models (Qwen-Image-Edit-2509 and -2511)."
+            )
+        check_zero_cond_t(folder)
+        placement = _plan(settings, folder, device)
+        components = tuple(c for c in quantized_components(settings) if not folder.components[c].pre_quantized)
+        check_quantization_supported(placement.quantization, components, device)
+        log.info("Qwen-Image-Edit: loading %s on %s: %s", folder.path, device, placement.reason)
+
+        from diffusers import QwenImageEditPlusPipeline
+
+        dtype = _torch_dtype(settings.precision)
+        dtypes: Any = dtype
+        if settings.vae_precision not in ("same", settings.precision):
+            dtypes = {"default": dtype, "vae": _torch_dtype(settings.vae_precision)}
+        kwargs: dict[str, Any] = {dtype_kwarg(): dtypes, "use_safetensors": True, "local_files_only": True}
+        qconfig = quantization_config(placement.quantization, components, dtype)
+        if qconfig is not None:
+            kwargs["quantization_config"] = qconfig
+        pipe = QwenImageEditPlusPipeline.from_pretrained(str(folder.path), **kwargs)
+        check_zero_cond_t(folder, pipe.transformer)
+        _apply_offload(pipe, placement.offload, device)
+        pipe.set_progress_bar_config(disable=True)
+        seconds = time.perf_counter() - start
+        log.info("Qwen-Image-Edit: loaded in %.1f s", seconds)
+        return LoadedPipeline(pipe, settings, folder, device, placement, seconds)
+    except BaseException as exc:  # noqa: BLE001 - also KeyboardInterrupt/cancel: never keep a partial pipeline
+        pipe = None
+        traceback.clear_frames(exc.__traceback__)
+        comfy.empty_cache()
+        if isinstance(exc, torch.OutOfMemoryError):
+            raise LoadError(_oom_message(settings, placement, device)) from None
+        if isinstance(exc, ModelFolderError):
+            raise LoadError(str(exc)) from None
+        if isinstance(exc, (LoadError, KeyboardInterrupt, SystemExit)) or not isinstance(exc, Exception):
+            raise
+        raise LoadError(f"Loading {settings.model} failed: {type(exc).__name__}: {exc}") from exc
+
+
+__all__ = [
+    "LoadError", "LoadSettings", "LoadedPipeline", "PipeHandle", "get_pipeline", "release_pipeline",
+    "current_pipeline", "list_models", "resolve_model_path",
+]

@@ -1,0 +1,108 @@
+"""A stand-in for the parts of ComfyUI's runtime the pack touches, for CI.
+
+ComfyUI is not a pip package, so CI cannot import the real thing. This reproduces, with the same
+names and behaviour as ComfyUI 0.8.0's source, exactly the API `utils/comfy.py` uses:
+`comfy.model_management` (device, interrupt flag and exception, unload_all_models, soft_empty_cache),
+`comfy.utils.ProgressBar` with its global hook, and `folder_paths`. `tests/test_comfyui_real.py`
+runs the same checks against a real ComfyUI checkout when COMFYUI_PATH is set.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import types
+from pathlib import Path
+
+
+def install(models_dir: Path) -> dict[str, types.ModuleType]:
+    import torch
+
+    comfy = types.ModuleType("comfy")
+    comfy.__path__ = []
+    mm = types.ModuleType("comfy.model_management")
+
+    class InterruptProcessingException(Exception):
+        pass
+
+    mm.InterruptProcessingException = InterruptProcessingException
+    mm.interrupt_processing_mutex = threading.RLock()
+    mm.interrupt_processing = False
+    mm.unload_calls = 0
+
+    def interrupt_current_processing(value: bool = True) -> None:
+        with mm.interrupt_processing_mutex:
+            mm.interrupt_processing = value
+
+    def throw_exception_if_processing_interrupted() -> None:
+        with mm.interrupt_processing_mutex:
+            if mm.interrupt_processing:
+                mm.interrupt_processing = False
+                raise InterruptProcessingException()
+
+    def unload_all_models() -> None:
+        mm.unload_calls += 1
+
+    mm.interrupt_current_processing = interrupt_current_processing
+    mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+    mm.unload_all_models = unload_all_models
+    mm.get_torch_device = lambda: torch.device("cpu")
+    mm.soft_empty_cache = lambda force=False: None
+
+    utils = types.ModuleType("comfy.utils")
+    utils.PROGRESS_BAR_HOOK = None
+
+    class ProgressBar:
+        def __init__(self, total: int, node_id: str | None = None) -> None:
+            self.total, self.current, self.hook, self.node_id = total, 0, utils.PROGRESS_BAR_HOOK, node_id
+
+        def update_absolute(self, value: int, total: int | None = None, preview=None) -> None:
+            if total is not None:
+                self.total = total
+            self.current = min(value, self.total)
+            if self.hook is not None:
+                self.hook(self.current, self.total, preview, node_id=self.node_id)
+
+    utils.ProgressBar = ProgressBar
+
+    def set_progress_bar_global_hook(hook) -> None:
+        utils.PROGRESS_BAR_HOOK = hook
+
+    utils.set_progress_bar_global_hook = set_progress_bar_global_hook
+
+    folder_paths = types.ModuleType("folder_paths")
+    folders = {"diffusers": [str(models_dir / "diffusers")], "loras": [str(models_dir / "loras")]}
+
+    def get_folder_paths(name: str) -> list[str]:
+        return folders[name]
+
+    def get_filename_list(name: str) -> list[str]:
+        out = []
+        for root in folders[name]:
+            root_path = Path(root)
+            if root_path.is_dir():
+                out += sorted(p.relative_to(root_path).as_posix() for p in root_path.rglob("*") if p.is_file())
+        return out
+
+    def get_full_path(name: str, filename: str) -> str | None:
+        for root in folders[name]:
+            candidate = Path(root) / filename
+            if candidate.is_file():
+                return str(candidate)
+        return None
+
+    folder_paths.get_folder_paths = get_folder_paths
+    folder_paths.get_filename_list = get_filename_list
+    folder_paths.get_full_path = get_full_path
+    folder_paths.folder_names_and_paths = folders
+
+    comfy.model_management = mm
+    comfy.utils = utils
+    modules = {"comfy": comfy, "comfy.model_management": mm, "comfy.utils": utils, "folder_paths": folder_paths}
+    sys.modules.update(modules)
+    return modules
+
+
+def uninstall() -> None:
+    for name in ("comfy", "comfy.model_management", "comfy.utils", "folder_paths"):
+        sys.modules.pop(name, None)

@@ -1,0 +1,1 @@
+"""Image conversion, sizing and the bridge to ComfyUI's runtime."""

@@ -1,0 +1,231 @@
+"""The thin bridge to ComfyUI's runtime.
+
+Every function here works with or without ComfyUI: inside ComfyUI it uses ComfyUI's device, model
+folders, progress bar, interrupt flag and memory management; outside it (tests, the command line) it
+falls back to plain torch and a simple cancel flag.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger("qwen_image_edit")
+
+
+@functools.cache
+def _comfy_modules() -> tuple[Any, Any] | None:
+    try:
+        import comfy.model_management as model_management
+        import folder_paths
+    except ImportError:
+        return None
+    return model_management, folder_paths
+
+
+def refresh() -> None:
+    """Look for ComfyUI's modules again (tests install and remove a stand-in)."""
+    _comfy_modules.cache_clear()
+
+
+def in_comfyui() -> bool:
+    return _comfy_modules() is not None
+
+
+def default_device() -> str:
+    """ComfyUI's device inside ComfyUI; otherwise the first of cuda, mps, xpu, cpu that exists."""
+    import torch
+
+    mods = _comfy_modules()
+    if mods is not None:
+        return str(mods[0].get_torch_device())
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        return "xpu"
+    return "cpu"
+
+
+def free_device_memory(device: str) -> int | None:
+    """Bytes free on `device` (torch's reserved-but-unused memory included), or None when unknown."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(dev)
+        return int(free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev))
+    if dev.type == "xpu" and hasattr(torch, "xpu") and torch.xpu.is_available():
+        props = torch.xpu.get_device_properties(dev)
+        return int(props.total_memory - torch.xpu.memory_allocated(dev))
+    if dev.type in ("cpu", "mps"):
+        try:
+            import psutil
+
+            return int(psutil.virtual_memory().available)
+        except ImportError:
+            pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else None
+            return int(pages * os.sysconf("SC_PAGE_SIZE")) if pages else None
+    return None
+
+
+def empty_cache() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    mods = _comfy_modules()
+    if mods is not None:
+        mods[0].soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def unload_comfy_models() -> None:
+    """Ask ComfyUI to unload its own models so that ours has room. A no-op outside ComfyUI."""
+    mods = _comfy_modules()
+    if mods is not None:
+        _original_unload_all(mods[0])()
+
+
+def _original_unload_all(model_management: Any) -> Callable[[], None]:
+    fn = model_management.unload_all_models
+    return getattr(fn, "__wrapped__", fn)
+
+
+def on_comfy_free(release: Callable[[], None]) -> None:
+    """Run `release` whenever ComfyUI unloads all models ("Unload models" / POST /free).
+
+    ComfyUI frees memory by calling `comfy.model_management.unload_all_models()`, which only knows
+    ComfyUI-managed models; wrapping it is the one hook that also reaches a diffusers pipeline.
+    """
+    mods = _comfy_modules()
+    if mods is None:
+        return
+    mm = mods[0]
+    original = _original_unload_all(mm)
+    if getattr(mm.unload_all_models, "_qwen_image_edit_release", None) is release:
+        return
+
+    @functools.wraps(original)
+    def unload_all_models(*args: Any, **kwargs: Any) -> Any:
+        try:
+            release()
+        except Exception:  # noqa: BLE001 - freeing must never break ComfyUI's own unload
+            log.exception("Qwen-Image-Edit: releasing the pipeline failed")
+        return original(*args, **kwargs)
+
+    unload_all_models._qwen_image_edit_release = release
+    mm.unload_all_models = unload_all_models
+
+
+def diffusers_model_dirs() -> list[Path]:
+    """The folders ComfyUI searches for diffusers models (extra_model_paths.yaml included)."""
+    mods = _comfy_modules()
+    if mods is None:
+        return []
+    try:
+        return [Path(p) for p in mods[1].get_folder_paths("diffusers")]
+    except KeyError:
+        return []
+
+
+def lora_files() -> list[str]:
+    mods = _comfy_modules()
+    if mods is None:
+        return []
+    try:
+        return list(mods[1].get_filename_list("loras"))
+    except KeyError:
+        return []
+
+
+def lora_path(name: str) -> Path:
+    """A LoRA combo value to a file: ComfyUI's loras folders first, then a plain path."""
+    mods = _comfy_modules()
+    if mods is not None:
+        full = mods[1].get_full_path("loras", name)
+        if full:
+            return Path(full)
+    return Path(name).expanduser()
+
+
+# -- progress and cancel ---------------------------------------------------------------------------
+
+_cancel = threading.Event()
+
+
+class Cancelled(Exception):
+    """Raised outside ComfyUI when `request_cancel()` was called during a run."""
+
+
+def request_cancel() -> None:
+    """Cancel the running edit at its next step (outside ComfyUI; inside, ComfyUI's Cancel does it)."""
+    _cancel.set()
+
+
+def interrupt_exception_types() -> tuple[type[BaseException], ...]:
+    mods = _comfy_modules()
+    if mods is not None:
+        return (mods[0].InterruptProcessingException, Cancelled)
+    return (Cancelled,)
+
+
+def throw_if_interrupted() -> None:
+    """Raise ComfyUI's InterruptProcessingException (or `Cancelled`) when a cancel is pending."""
+    mods = _comfy_modules()
+    if mods is not None:
+        mods[0].throw_exception_if_processing_interrupted()
+    if _cancel.is_set():
+        _cancel.clear()
+        raise Cancelled("cancelled")
+
+
+class Progress:
+    """One progress bar: ComfyUI's when present, else an optional text callback."""
+
+    def __init__(self, total: int, printer: Callable[[int, int], None] | None = None) -> None:
+        self.total = total
+        self._printer = printer
+        self._bar = None
+        if in_comfyui():
+            import comfy.utils
+
+            self._bar = comfy.utils.ProgressBar(total)
+
+    def update(self, value: int, preview: Any = None) -> None:
+        if self._bar is not None:
+            self._bar.update_absolute(value, self.total, preview)
+        elif self._printer is not None:
+            self._printer(value, self.total)
+
+
+def clear_cancel() -> None:
+    _cancel.clear()
+
+
+def latent_previewer(device: Any, latent_channels: int) -> Callable[[Any], Any] | None:
+    """ComfyUI's latent preview for Qwen-Image latents (Wan 2.1 format), when previews are on.
+
+    Returns a function taking unpacked latents `[B, C, 1, H, W]` and giving ComfyUI's preview tuple,
+    or None when previews are off, ComfyUI is absent, or the latent width is not the real model's.
+    """
+    if not in_comfyui() or latent_channels != 16:
+        return None
+    try:
+        import comfy.latent_formats
+        import latent_preview
+
+        previewer = latent_preview.get_previewer(device, comfy.latent_formats.Wan21())
+    except Exception:  # noqa: BLE001 - a preview is a nicety; never fail an edit for it
+        log.debug("Qwen-Image-Edit: no latent preview", exc_info=True)
+        return None
+    if previewer is None:
+        return None
+    return lambda latents: previewer.decode_latent_to_preview_image("JPEG", latents)

@@ -1,0 +1,198 @@
+"""One edit: ComfyUI IMAGE tensors in, the pipeline called as the model card calls it, IMAGE out.
+
+Everything the node adds to a plain `QwenImageEditPlusPipeline` call is here and visible: input
+checks, the output size, a CPU generator per batch item, progress, cancel and previews. The
+arguments passed to the pipeline are built by `pipeline_kwargs`, which tests call to compare the
+node against a direct pipeline call.
+"""
+
+from __future__ import annotations
+
+import math
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from . import comfy
+from .image import tensor_to_pil, validate_image
+
+SIZE_MODES = ("auto", "match", "custom")
+MAX_MEGAPIXELS = 4.2
+_SEED_MOD = 2**64
+
+
+class EditError(ValueError):
+    """Bad input for an edit; the message says what to change."""
+
+
+@dataclass(frozen=True)
+class EditRequest:
+    prompt: str
+    negative_prompt: str = " "
+    seed: int = 0
+    steps: int = 40
+    true_cfg_scale: float = 4.0
+    size_mode: str = "auto"
+    width: int = 1024
+    height: int = 1024
+    images_per_prompt: int = 1
+
+
+def auto_size(width: int, height: int, area: int = 1024 * 1024) -> tuple[int, int]:
+    """The pipeline's own default: ~1 MP at this aspect, sides multiples of 32."""
+    ratio = width / height
+    w = round(math.sqrt(area * ratio) / 32) * 32
+    h = round(w / ratio / 32) * 32
+    return max(w, 32), max(h, 32)
+
+
+def output_size(req: EditRequest, first_width: int, first_height: int) -> tuple[int, int, tuple[int, int] | None]:
+    """(width, height) to generate at, plus the exact size to resize to afterwards ('match' only).
+
+    The pipeline floors sizes to multiples of 16, so 'match' on an image whose sides are not multiples
+    of 16 generates at the nearest multiple-of-16 size and resizes back: the frame is kept whole and
+    lines up with the input instead of being cropped or shifted.
+    """
+    if req.size_mode == "auto":
+        w, h = auto_size(first_width, first_height)
+        return w, h, None
+    if req.size_mode == "match":
+        w, h = max(16, round(first_width / 16) * 16), max(16, round(first_height / 16) * 16)
+        exact = None if (w, h) == (first_width, first_height) else (first_width, first_height)
+        return w, h, exact
+    return req.width // 16 * 16, req.height // 16 * 16, None
+
+
+def validate(req: EditRequest, images: list[torch.Tensor | None]) -> list[torch.Tensor]:
+    """Check everything before any weights move; return the images that are present."""
+    if req.size_mode not in SIZE_MODES:
+        raise EditError(f"size_mode must be one of {', '.join(SIZE_MODES)}, not {req.size_mode!r}.")
+    if not isinstance(req.prompt, str) or not req.prompt.strip():
+        raise EditError("The prompt is empty. Describe the edit, for example: 'Make the sky purple'.")
+    if req.steps < 2:
+        # One step with the model's scheduler (shift_terminal) gives a NaN sigma: an all-NaN image.
+        raise EditError("steps must be at least 2 (the model card uses 40; Lightning LoRAs 4 or 8).")
+    if req.images_per_prompt < 1:
+        raise EditError("images_per_prompt must be at least 1.")
+    if not math.isfinite(req.true_cfg_scale):
+        raise EditError("true_cfg_scale must be a finite number (the model card uses 4.0).")
+    present = [img for img in images if img is not None]
+    names = ["image", "image2", "image3"]
+    for name, img in zip(names, images):
+        if img is not None:
+            validate_image(img, name)
+    batch = present[0].shape[0] if present[0].ndim == 4 else 1
+    for name, img in zip(names[1:], images[1:]):
+        if img is None:
+            continue
+        b = img.shape[0] if img.ndim == 4 else 1
+        if b not in (1, batch):
+            raise EditError(
+                f"{name} has a batch of {b} but image has {batch}. Give {name} one image (shared by every "
+                f"edit) or exactly {batch} (matched one to one)."
+            )
+    first = present[0]
+    w, h, exact = output_size(req, first.shape[-2], first.shape[-3])
+    if req.size_mode == "custom" and (w < 16 or h < 16):
+        raise EditError(f"width and height must be at least 16 (got {req.width}x{req.height}).")
+    out_w, out_h = exact or (w, h)
+    megapixels = max(w * h, out_w * out_h) / 1e6
+    if megapixels > MAX_MEGAPIXELS:
+        raise EditError(
+            f"The output would be {out_w}x{out_h} ({megapixels:.1f} MP). The model is made for ~1 MP and more than "
+            f"{MAX_MEGAPIXELS} MP will not fit in memory or edit well. Put a 'Qwen-Image-Edit Image Scale' node "
+            "before the sampler (1.0 megapixels) or use size_mode 'auto'."
+        )
+    return present
+
+
+def pipeline_kwargs(req: EditRequest, pil_images: list[Any], width: int, height: int, seed: int) -> dict[str, Any]:
+    """The exact arguments given to QwenImageEditPlusPipeline for one batch item."""
+    use_cfg = req.true_cfg_scale > 1
+    return {
+        "image": pil_images,
+        "prompt": req.prompt,
+        "negative_prompt": (req.negative_prompt or " ") if use_cfg else None,
+        "true_cfg_scale": req.true_cfg_scale,
+        "height": height,
+        "width": width,
+        "num_inference_steps": req.steps,
+        "num_images_per_prompt": req.images_per_prompt,
+        "generator": torch.Generator("cpu").manual_seed(seed % _SEED_MOD),
+        "output_type": "pt",
+    }
+
+
+def _item(images: torch.Tensor, index: int) -> torch.Tensor:
+    if images.ndim == 3:
+        return images
+    return images[index if images.shape[0] > 1 else 0]
+
+
+def _resize(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """[N,3,H,W] to an exact size with antialiased bicubic, values kept in 0..1."""
+    resized = torch.nn.functional.interpolate(images, size=(height, width), mode="bicubic", antialias=True,
+                                              align_corners=False)
+    return resized.clamp(0, 1)
+
+
+def _oom_message(device: str, width: int, height: int, placement: Any) -> str:
+    return (
+        f"Out of memory on {device} while editing at {width}x{height} (quantization={placement.quantization}, "
+        f"offload={placement.offload}). Edit at ~1 MP (size_mode 'auto' or the Image Scale node), or in the "
+        "loader choose quantization 'nf4' and offload 'model' (16-24 GB cards) or 'group' (8-12 GB cards)."
+    )
+
+
+def run_edit(
+    loaded: Any,
+    req: EditRequest,
+    images: list[torch.Tensor | None],
+    printer: Callable[[int, int], None] | None = None,
+) -> torch.Tensor:
+    """Run the edit on a loaded pipeline; returns IMAGE `[B*images_per_prompt, H, W, 3]` float32 on CPU.
+
+    Batch item b uses seed + b, so any single item can be reproduced alone. Cancelling raises
+    ComfyUI's InterruptProcessingException (or `comfy.Cancelled` outside ComfyUI) from the step
+    callback, which stops at once without the VAE decode and leaves the pipeline reusable.
+    """
+    present = validate(req, images)
+    pipe = loaded.pipe
+    batch = max(img.shape[0] if img.ndim == 4 else 1 for img in present)
+    first = present[0]
+    width, height, exact = output_size(req, first.shape[-2], first.shape[-3])
+    progress = comfy.Progress(batch * req.steps, printer)
+    previewer = comfy.latent_previewer(loaded.device, pipe.vae.config.z_dim)
+
+    outputs = []
+    for b in range(batch):
+        comfy.throw_if_interrupted()
+        pil = [tensor_to_pil(_item(img, b))[0] for img in present]
+        offset = b * req.steps
+
+        def on_step(_pipe: Any, i: int, _t: Any, kwargs: dict, offset: int = offset) -> dict:
+            preview = None
+            if previewer is not None:
+                unpacked = _pipe._unpack_latents(kwargs["latents"], height, width, _pipe.vae_scale_factor)
+                preview = previewer(unpacked.float())
+            progress.update(offset + i + 1, preview)
+            comfy.throw_if_interrupted()
+            return {}
+
+        kwargs = pipeline_kwargs(req, pil, width, height, req.seed + b)
+        try:
+            result = pipe(**kwargs, callback_on_step_end=on_step).images
+        except torch.OutOfMemoryError as exc:
+            traceback.clear_frames(exc.__traceback__)
+            comfy.empty_cache()
+            raise EditError(_oom_message(loaded.device, width, height, loaded.placement)) from None
+        except BaseException as exc:
+            traceback.clear_frames(exc.__traceback__)
+            raise
+        result = result.float()
+        if exact is not None:
+            result = _resize(result, *exact)
+        outputs.append(result.permute(0, 2, 3, 1).cpu())
+    return torch.cat(outputs).contiguous()
