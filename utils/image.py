@@ -1,0 +1,489 @@
+"""ComfyUI IMAGE tensors to and from PIL, input checks, and scaling to the model's sizes.
+
+A ComfyUI IMAGE is a float32 tensor ``[batch, height, width, channels]``, values 0..1, on the CPU.
+The functions here are more lenient on input than that contract: a single image
+``[height, width, channels]``, 1 to 4 channels (gray, gray + alpha, RGB, RGBA), any floating dtype
+(uint8 is read as 0..255), any device and any strides. They always return RGB.
+
+Alpha is straight (not premultiplied). By default it is composited on white, the same in every
+direction (tensor to PIL, PIL to tensor, ``to_rgb``), so a transparent PNG gives the same pixels
+whichever way it enters; ``background=None`` drops alpha instead, as ComfyUI's LoadImage does.
+
+Conversions quantise with ``round(clamp(x, 0, 1) * 255)`` and read back with ``/ 255``, so an
+8-bit image survives IMAGE -> PIL -> IMAGE exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+Color = Tuple[float, float, float]
+
+WHITE: Color = (1.0, 1.0, 1.0)
+BLACK: Color = (0.0, 0.0, 0.0)
+
+MEGAPIXEL = 1024 * 1024
+"""Pixels in one "megapixel", as ComfyUI's ImageScaleToTotalPixels and the diffusers pipeline
+(``VAE_IMAGE_SIZE = 1024 * 1024``) count it."""
+
+MIN_SIDE = 8
+"""Smallest side :func:`validate_image` lets through by default.
+
+The pipeline resizes every input to about 1 MP anyway, so a tiny image is not a crash but is almost
+always a mistake upstream (an empty placeholder, a 1x1 mask turned into an image); its content would
+be a few blurred blocks. It is refused with a pointer to the scale node, which accepts any size."""
+
+MAX_ASPECT = 32.0
+"""Widest aspect ratio :func:`validate_image` lets through by default.
+
+The pipeline shows each image to the text encoder at about 384x384 pixels of area: past 1:32 the
+short side is under ~68 px there, and near 1:576 it rounds to 0 and the pipeline fails deep inside
+with a shape error."""
+
+SCALE_METHODS: Tuple[str, ...] = ("lanczos", "bicubic", "area", "bilinear", "nearest")
+FIT_MODES: Tuple[str, ...] = ("crop", "pad", "stretch")
+SCALE_NODE = "Qwen-Image-Edit Image Scale"
+
+_UPSTREAM_HINT = "check the node that produced it"
+
+
+def _check_layout(images: torch.Tensor, name: str) -> torch.Tensor:
+    """Return ``images`` as a ``[B, H, W, C]`` view, refusing what no conversion can fix."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(
+            f"{name} must be an IMAGE tensor [batch, height, width, channels]; "
+            f"got {type(images).__name__}"
+        )
+    shape = tuple(images.shape)
+    if images.ndim not in (3, 4):
+        raise ValueError(
+            f"{name} must be an IMAGE shaped [batch, height, width, channels]; "
+            f"got {images.ndim} dimensions {shape}"
+        )
+    if images.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {shape}); {_UPSTREAM_HINT}")
+    if images.ndim == 3:
+        if not 1 <= shape[-1] <= 4:
+            raise ValueError(
+                f"{name} has shape {shape}, which looks like a MASK [batch, height, width], not an "
+                "IMAGE; turn it into an image first (ComfyUI's 'Convert Mask to Image' node)"
+            )
+        images = images.unsqueeze(0)
+    channels = images.shape[-1]
+    if not 1 <= channels <= 4:
+        if 1 <= images.shape[1] <= 4:
+            hint = "it looks channels-first [batch, channels, height, width]; put channels last"
+        else:
+            hint = "an IMAGE has 1 (gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA) channels"
+        raise ValueError(f"{name} has {channels} channels (shape {shape}); {hint}")
+    if not (images.is_floating_point() or images.dtype in (torch.uint8, torch.bool)):
+        raise TypeError(
+            f"{name} has dtype {images.dtype}; an IMAGE holds floats 0..1 (uint8 0..255 also works)"
+        )
+    return images
+
+
+def _as_float(images: torch.Tensor) -> torch.Tensor:
+    """float32 on the same device; uint8 is scaled from 0..255. May return ``images`` itself."""
+    if images.dtype == torch.uint8:
+        return images.float().div_(255)
+    return images.float()
+
+
+def _check_background(background: Optional[Sequence[float]], name: str = "background") -> Optional[Color]:
+    if background is None:
+        return None
+    if isinstance(background, (int, float)):
+        values = (float(background),) * 3
+    else:
+        values = tuple(float(v) for v in background)
+    if len(values) != 3 or not all(0.0 <= v <= 1.0 for v in values):
+        raise ValueError(f"{name} must be None or three floats 0..1 (R, G, B); got {background!r}")
+    return values  # type: ignore[return-value]
+
+
+def _rgb(images: torch.Tensor, background: Optional[Color]) -> torch.Tensor:
+    """``[B, H, W, C]`` float with C in 1..4 to ``[B, H, W, 3]``; may be a view of the input."""
+    channels = images.shape[-1]
+    if channels == 3:
+        return images
+    if channels in (2, 4):
+        color = images[..., : channels - 1]
+        if background is not None:
+            alpha = images[..., channels - 1 :].clamp(0, 1)
+            bg = torch.tensor(background, dtype=images.dtype, device=images.device)
+            return torch.lerp(bg, color, alpha)
+        images = color
+    if images.shape[-1] == 1:
+        return images.expand(*images.shape[:-1], 3)
+    return images
+
+
+def to_rgb(images: torch.Tensor, background: Optional[Color] = WHITE) -> torch.Tensor:
+    """Normalise a 1-, 2-, 3- or 4-channel IMAGE to ``[B, H, W, 3]`` float32 on its own device.
+
+    Alpha is composited on ``background`` (RGB floats 0..1) or, with ``None``, dropped. A single
+    ``[H, W, C]`` image gains a batch dimension. A 3-channel contiguous float32 input is returned
+    as is, not copied.
+    """
+    rgb = _rgb(_as_float(_check_layout(images, "image")), _check_background(background))
+    return rgb.contiguous()
+
+
+def validate_image(
+    images: torch.Tensor,
+    name: str = "image",
+    *,
+    min_side: int = MIN_SIDE,
+    max_aspect: Optional[float] = MAX_ASPECT,
+) -> None:
+    """Raise a ``ValueError``/``TypeError`` that says what is wrong and what to do, or return None.
+
+    Refuses: anything but a ``[B, H, W, C]`` / ``[H, W, C]`` tensor, channels outside 1..4, an
+    empty tensor, NaN or infinite values, a side under ``min_side`` pixels, an aspect ratio past
+    ``1:max_aspect`` (``None`` turns that check off). ``name`` is the input's name in the messages.
+    """
+    x = _check_layout(images, name)
+    if x.is_floating_point():
+        low, high = torch.aminmax(x.detach())  # one pass, no temporary; NaN propagates to both
+        if not bool(torch.isfinite(low) & torch.isfinite(high)):
+            what = "NaN" if bool(torch.isnan(low) | torch.isnan(high)) else "infinite"
+            raise ValueError(f"{name} contains {what} values; {_UPSTREAM_HINT}")
+    height, width = int(x.shape[1]), int(x.shape[2])
+    if min(width, height) < min_side:
+        raise ValueError(
+            f"{name} is {width}x{height} pixels; each side must be at least {min_side} px. "
+            f"Scale it up first with the '{SCALE_NODE}' node (for example to 1 megapixel)."
+        )
+    aspect = max(width, height) / min(width, height)
+    if max_aspect is not None and aspect > max_aspect:
+        raise ValueError(
+            f"{name} is {width}x{height} pixels, an aspect ratio of 1:{aspect:.1f}; the model "
+            f"handles at most 1:{max_aspect:g}. Crop it closer to square first."
+        )
+
+
+def _quantise(frames: np.ndarray) -> np.ndarray:
+    """``round(clamp(x, 0, 1) * 255)`` of ``[B, H, W, 3]`` float32 (any strides) as contiguous uint8.
+
+    Done in blocks of rows sized for the CPU cache: whole-array temporaries cost more in page
+    faults than the arithmetic (about 2x slower at 4x1024x1024).
+    """
+    batch, height, width, channels = frames.shape
+    out = np.empty(frames.shape, dtype=np.uint8)
+    rows = max(1, _BLOCK_ELEMENTS // (width * channels))
+    buffer = np.empty((min(rows, height), width, channels), dtype=np.float32)
+    for b in range(batch):
+        for top in range(0, height, rows):
+            block = frames[b, top : top + rows]
+            work = buffer[: block.shape[0]]
+            np.multiply(block, np.float32(255), out=work)
+            np.rint(work, out=work)
+            np.clip(work, 0, 255, out=work)
+            np.copyto(out[b, top : top + rows], work, casting="unsafe")
+    return out
+
+
+_BLOCK_ELEMENTS = 1 << 17
+
+
+def tensor_to_pil(images: torch.Tensor, background: Optional[Color] = WHITE) -> list[Image.Image]:
+    """IMAGE ``[B, H, W, C]`` or ``[H, W, C]`` to a list of B RGB PIL images.
+
+    Alpha (2 or 4 channels) is composited on ``background`` or, with ``None``, dropped. On a GPU
+    the quantising runs there and only uint8 crosses to the CPU.
+    """
+    rgb = _rgb(_as_float(_check_layout(images, "image")), _check_background(background)).detach()
+    if rgb.device.type == "cpu":
+        frames = rgb.numpy()
+        # max() propagates NaN; numpy's single thread is steadier than torch's pool on a busy CPU.
+        if np.isnan(frames.max()):
+            raise ValueError(f"image contains NaN values; {_UPSTREAM_HINT}")
+        array = _quantise(frames)
+    else:
+        if bool(torch.isnan(rgb).any()):
+            raise ValueError(f"image contains NaN values; {_UPSTREAM_HINT}")
+        array = rgb.mul(255).round_().clamp_(0, 255).to(torch.uint8).cpu().contiguous().numpy()
+    return [Image.fromarray(frame) for frame in array]
+
+
+_SIXTEEN_BIT_MODES = frozenset({"I", "I;16", "I;16L", "I;16B", "I;16N"})
+
+
+def _pil_to_array(image: Image.Image, background: Optional[Color]) -> np.ndarray:
+    """One PIL image to ``[H, W, 3]``: uint8 0..255 when 8-bit and opaque, else float32 0..1."""
+    if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
+        scale = 255.0 if image.mode == "F" else 65535.0
+        gray = np.clip(np.asarray(image, dtype=np.float32) / scale, 0.0, 1.0)
+        return np.repeat(gray[..., None], 3, axis=2)
+    if background is not None and image.has_transparency_data:
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float32) / 255
+        alpha = rgba[..., 3:]
+        return rgba[..., :3] * alpha + np.asarray(background, dtype=np.float32) * (1 - alpha)
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    return np.asarray(image)
+
+
+def pil_to_tensor(
+    images: Union[Image.Image, Sequence[Image.Image]], background: Optional[Color] = WHITE
+) -> torch.Tensor:
+    """PIL image(s) of one size to an IMAGE ``[B, H, W, 3]`` float32 0..1 on the CPU.
+
+    Transparency (RGBA, LA, P with a transparent index...) is composited on ``background`` or, with
+    ``None``, dropped. 16-bit gray ("I;16", "I") is read as 0..65535 and "F" as 0..255, as PIL's
+    own conversions do. EXIF orientation is not applied: do that when reading a file.
+    """
+    batch = [images] if isinstance(images, Image.Image) else list(images)
+    if not batch:
+        raise ValueError("no images to convert; the list is empty")
+    for index, image in enumerate(batch):
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"item {index} is a {type(image).__name__}, not a PIL image")
+    sizes = sorted({image.size for image in batch})
+    if len(sizes) > 1:
+        listed = ", ".join(f"{w}x{h}" for w, h in sizes)
+        raise ValueError(
+            f"images in one batch must share a size; got {listed}. Scale them to one size first "
+            f"(for example with the '{SCALE_NODE}' node) or pass them separately."
+        )
+    width, height = sizes[0]
+    if width == 0 or height == 0:
+        raise ValueError(f"image is empty ({width}x{height}); {_UPSTREAM_HINT}")
+    bg = _check_background(background)
+    out = np.empty((len(batch), height, width, 3), dtype=np.float32)
+    for frame, image in zip(out, batch):
+        array = _pil_to_array(image, bg)
+        if array.dtype == np.uint8:
+            np.divide(array, np.float32(255), out=frame)
+        else:
+            frame[...] = array
+    return torch.from_numpy(out)
+
+
+def pipeline_reference_size(width: int, height: int) -> tuple[int, int]:
+    """The size diffusers' QwenImageEdit(Plus)Pipeline resizes an input of ``width x height`` to
+    before VAE-encoding it as the reference: about 1024x1024 px of area, sides rounded to 32.
+
+    The same formula as diffusers' ``calculate_dimensions(1024 * 1024, width / height)``, kept here
+    so it costs no diffusers import. A side can come out 0 for an extreme aspect ratio, as there.
+    """
+    ratio = width / height
+    ref_w = math.sqrt(MEGAPIXEL * ratio)
+    ref_h = ref_w / ratio
+    return round(ref_w / 32) * 32, round(ref_h / 32) * 32
+
+
+_STABLE_ASPECT_SLACK = 0.06
+"""Largest aspect error (log) ``scaled_size`` accepts to get a size the pipeline keeps as is."""
+
+
+def scaled_size(
+    width: int, height: int, megapixels: float, multiple: int, *, match_pipeline: bool = False
+) -> tuple[int, int]:
+    """Width and height near ``megapixels`` (of 1024x1024 px) at the aspect ratio of ``width x height``.
+
+    Both sides are multiples of ``multiple`` and at least ``multiple``. Among nearby multiples it
+    picks the pair with the smallest aspect error, area error weighing half as much, so crop or
+    pad to the result trims or adds only a few pixels.
+
+    ``match_pipeline=True`` at 1.0 MP instead picks, among the sizes the pipeline VAE-encodes as
+    they are (see :func:`pipeline_reference_size`), the one nearest in aspect. At any other size the
+    pipeline resizes its reference to one of those, often with sides rounded the other way, and the
+    model then sees the reference stretched by up to ~3.5% against the output: the output comes
+    out zoomed or shifted against the input. The price is a larger aspect error against the
+    original, so a few more pixels cropped or padded: median ~1% and at most ~3.6% for aspect
+    ratios within 1:2, ~5.5% within 1:4, never past 6% (past that, as for very wide images, it
+    falls back to the plain choice). At other megapixels the pipeline still encodes its reference
+    at 1.0 MP whatever this returns, so the flag changes nothing there.
+    """
+    for label, value in (("width", width), ("height", height), ("multiple", multiple)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{label} must be a whole number >= 1; got {value!r}")
+    if not (isinstance(megapixels, (int, float)) and math.isfinite(megapixels) and megapixels > 0):
+        raise ValueError(f"megapixels must be a finite number > 0; got {megapixels!r}")
+    area = float(megapixels) * MEGAPIXEL
+    ratio = width / height
+    ideal_w = math.sqrt(area * ratio) / multiple
+    ideal_h = math.sqrt(area / ratio) / multiple
+    stable = match_pipeline and math.isclose(area, MEGAPIXEL)
+    reach = max(3, math.ceil(96 / multiple)) if stable else 0
+
+    def near(value: float) -> set[int]:
+        return {max(1, k) for k in range(math.floor(value) - reach, math.ceil(value) + reach + 1)}
+
+    ws, hs = near(ideal_w), near(ideal_h)
+    ws |= {max(1, round(k * ratio)) for k in hs}
+    hs |= {max(1, round(k / ratio)) for k in ws}
+
+    def cost(pair: tuple[int, int]) -> tuple[bool, float, float, int, int]:
+        kw, kh = pair
+        aspect_error = abs(math.log(kw / kh / ratio))
+        area_error = abs(math.log(kw * kh * multiple * multiple / area))
+        size = (kw * multiple, kh * multiple)
+        kept = stable and aspect_error <= _STABLE_ASPECT_SLACK and pipeline_reference_size(*size) == size
+        return (not kept, round(2 * aspect_error + area_error, 12), area_error, kw, kh)
+
+    kw, kh = min(((kw, kh) for kw in ws for kh in hs), key=cost)
+    return kw * multiple, kh * multiple
+
+
+def _same_parity(value: float, ref: int, low: int, high: Optional[int] = None) -> int:
+    """The integer nearest ``value`` with ``ref``'s parity, within ``[low, high]`` (same parity)."""
+    n = max(ref + 2 * round((value - ref) / 2), low)
+    return n if high is None else min(n, high)
+
+
+def _lowest(ref: int) -> int:
+    return 2 if ref % 2 == 0 else 1
+
+
+def _interpolate(x: torch.Tensor, width: int, height: int, method: str) -> torch.Tensor:
+    """Resize ``[B, H, W, 3]`` float32 with torch; returns a new contiguous tensor."""
+    in_h, in_w = x.shape[1], x.shape[2]
+    if (in_h, in_w) == (height, width):
+        return x.clone()
+    shrinking = height < in_h or width < in_w
+    planar = x.permute(0, 3, 1, 2)
+    if method == "nearest":
+        out = F.interpolate(planar, size=(height, width), mode="nearest-exact")
+    elif method == "area" and height <= in_h and width <= in_w:
+        out = F.interpolate(planar, size=(height, width), mode="area")
+    else:
+        mode = "bilinear" if method == "area" else method
+        out = F.interpolate(planar, size=(height, width), mode=mode, align_corners=False, antialias=shrinking)
+    return out.permute(0, 2, 3, 1).contiguous()
+
+
+def _lanczos(
+    x: torch.Tensor, width: int, height: int, box: Optional[tuple[float, float, float, float]] = None
+) -> torch.Tensor:
+    """Resize ``[B, H, W, 3]`` with PIL's lanczos, one float plane at a time (no 8-bit rounding)."""
+    device = x.device
+    planes = x.detach().permute(0, 3, 1, 2).to("cpu", torch.float32).contiguous().numpy()
+    out = np.empty((planes.shape[0], 3, height, width), dtype=np.float32)
+    for b in range(planes.shape[0]):
+        for c in range(3):
+            plane = Image.fromarray(planes[b, c])
+            out[b, c] = np.asarray(plane.resize((width, height), Image.Resampling.LANCZOS, box=box))
+    return torch.from_numpy(out).permute(0, 2, 3, 1).contiguous().to(device)
+
+
+def _resize(x: torch.Tensor, width: int, height: int, method: str) -> torch.Tensor:
+    if method == "lanczos":
+        if (x.shape[1], x.shape[2]) == (height, width):
+            return x.clone()
+        return _lanczos(x, width, height)
+    return _interpolate(x, width, height, method)
+
+
+def _crop_to_cover(x: torch.Tensor, width: int, height: int, method: str) -> torch.Tensor:
+    """Scale so the image covers ``width x height``, then cut the overflow equally from both sides."""
+    in_h, in_w = int(x.shape[1]), int(x.shape[2])
+    scale = max(width / in_w, height / in_h)
+    src_w, src_h = width / scale, height / scale
+    if method == "lanczos":
+        box = ((in_w - src_w) / 2, (in_h - src_h) / 2, (in_w + src_w) / 2, (in_h + src_h) / 2)
+        return _lanczos(x, width, height, box)
+    if scale <= 1:
+        # Cut in source pixels (the finer grid here); same parity keeps the cut symmetric.
+        crop_w = _same_parity(src_w, in_w, _lowest(in_w), in_w)
+        crop_h = _same_parity(src_h, in_h, _lowest(in_h), in_h)
+        left, top = (in_w - crop_w) // 2, (in_h - crop_h) // 2
+        return _interpolate(x[:, top : top + crop_h, left : left + crop_w], width, height, method)
+    big_w = _same_parity(in_w * scale, width, width)
+    big_h = _same_parity(in_h * scale, height, height)
+    big = _interpolate(x, big_w, big_h, method)
+    left, top = (big_w - width) // 2, (big_h - height) // 2
+    return big[:, top : top + height, left : left + width].contiguous()
+
+
+def _pad_to_fit(x: torch.Tensor, width: int, height: int, method: str, pad_color: Color) -> torch.Tensor:
+    """Scale so the image fits inside ``width x height``, then pad equally on both sides."""
+    in_h, in_w = int(x.shape[1]), int(x.shape[2])
+    scale = min(width / in_w, height / in_h)
+    inner_w = _same_parity(in_w * scale, width, _lowest(width), width)
+    inner_h = _same_parity(in_h * scale, height, _lowest(height), height)
+    inner = _resize(x, inner_w, inner_h, method)
+    canvas = torch.tensor(pad_color, dtype=x.dtype, device=x.device).expand(x.shape[0], height, width, 3)
+    canvas = canvas.contiguous()
+    left, top = (width - inner_w) // 2, (height - inner_h) // 2
+    canvas[:, top : top + inner_h, left : left + inner_w] = inner
+    return canvas
+
+
+def scale_image(
+    images: torch.Tensor,
+    width: int,
+    height: int,
+    method: str = "lanczos",
+    fit: str = "crop",
+    pad_color: Color = BLACK,
+) -> torch.Tensor:
+    """Resize an IMAGE batch to exactly ``width x height``; returns ``[B, height, width, 3]`` 0..1.
+
+    ``fit``: "crop" scales to cover and cuts the overflow from the centre, "pad" scales to fit and
+    adds ``pad_color`` bars around the centre, "stretch" resizes to the size whatever the aspect.
+    Crop and pad are symmetric to the pixel (at most one pixel of aspect error in the finer grid),
+    so content stays centred.
+
+    ``method``: "lanczos" (PIL, on float planes, so no 8-bit rounding), "bicubic" and "bilinear"
+    (antialiased when shrinking), "area" (box average when shrinking; bilinear when enlarging,
+    where an average over less than a pixel is undefined), "nearest" (nearest-exact, which unlike
+    torch's legacy "nearest" does not shift the image by half a pixel). Any input size from 1x1
+    up is accepted. The result is on the input's device; the input is not modified.
+    """
+    if method not in SCALE_METHODS:
+        raise ValueError(f"method must be one of {', '.join(SCALE_METHODS)}; got {method!r}")
+    if fit not in FIT_MODES:
+        raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}; got {fit!r}")
+    for label, value in (("width", width), ("height", height)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{label} must be a whole number >= 1; got {value!r}")
+    validate_image(images, "image", min_side=1, max_aspect=None)
+    return _scale_valid(images, int(width), int(height), method, fit, pad_color)
+
+
+def _scale_valid(
+    images: torch.Tensor, width: int, height: int, method: str, fit: str, pad_color: Color
+) -> torch.Tensor:
+    pad = _check_background(pad_color, "pad_color")
+    if pad is None:
+        raise ValueError("pad_color must be three floats 0..1 (R, G, B); got None")
+    x = to_rgb(images)
+    if fit == "stretch":
+        out = _resize(x, width, height, method)
+    elif fit == "crop":
+        out = _crop_to_cover(x, width, height, method)
+    else:
+        out = _pad_to_fit(x, width, height, method, pad)
+    return out.clamp_(0, 1)
+
+
+def scale_to_megapixels(
+    images: torch.Tensor,
+    megapixels: float = 1.0,
+    multiple: int = 16,
+    method: str = "lanczos",
+    fit: str = "crop",
+    pad_color: Color = BLACK,
+    match_pipeline: bool = True,
+) -> tuple[torch.Tensor, int, int]:
+    """:func:`scaled_size` (with ``match_pipeline``) then :func:`scale_image`.
+
+    Returns ``(image, width, height)``.
+    """
+    if method not in SCALE_METHODS:
+        raise ValueError(f"method must be one of {', '.join(SCALE_METHODS)}; got {method!r}")
+    if fit not in FIT_MODES:
+        raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}; got {fit!r}")
+    validate_image(images, "image", min_side=1, max_aspect=None)
+    in_h, in_w = int(images.shape[-3]), int(images.shape[-2])
+    width, height = scaled_size(in_w, in_h, megapixels, multiple, match_pipeline=match_pipeline)
+    return _scale_valid(images, width, height, method, fit, pad_color), width, height
