@@ -1,0 +1,571 @@
+"""CPU benchmarks (figures 1-6): where time and memory go, side by side with plain diffusers.
+
+    python benchmarks/run.py                 # full run (~5 min on 2 cores), JSON to benchmarks/results/cpu.json
+    python benchmarks/run.py --quick         # smoke run (~1 min), JSON to a temporary file unless --json
+    python benchmarks/run.py --only 2,4      # some figures only
+
+Prints a table on stdout and writes the same figures as JSON. Progress goes to stderr. Figures that
+compare two things measure both in this run, interleaved, and report a ratio from medians of
+repeats (the machines are shared and noisy). Import cost and peak memory are measured in fresh interpreters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import itertools
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.common import (  # noqa: E402 - the repo root must be on sys.path first
+    HEAVY_MODULES,
+    PACK_NAME,
+    RESULTS_DIR,
+    PeakRSS,
+    current_rss,
+    dir_bytes,
+    figure,
+    figures_table,
+    load_pack,
+    log,
+    machine_info,
+    machine_line,
+    median,
+    pack_module,
+    peak_rss,
+    quiet,
+    run_child,
+    setup,
+    write_json,
+)
+
+SCRIPT = Path(__file__).resolve()
+MB = 1e6
+
+FULL = dict(import_runs=7, edit_size=128, edit_steps=4, edit_pairs=9, warm_repeats=2000, convert_runs=9,
+            load_layers=4, edit_threads=1)
+QUICK = dict(import_runs=2, edit_size=64, edit_steps=2, edit_pairs=2, warm_repeats=200, convert_runs=3,
+             load_layers=1, edit_threads=1)
+
+
+# -- figure 1: import cost ---------------------------------------------------------------------------
+
+
+def child_import(pycache: str) -> dict[str, Any]:
+    """In a fresh interpreter: import torch, then time importing the pack as ComfyUI does."""
+    start = time.perf_counter()
+    import torch  # noqa: F401 - ComfyUI has imported torch before it loads custom nodes
+
+    torch_seconds = time.perf_counter() - start
+    # Byte-code cache for the pack only, in a private folder (this environment may disable .pyc
+    # writing, and ComfyUI installs normally have a warm cache).
+    sys.dont_write_bytecode = False
+    sys.pycache_prefix = pycache
+    before = set(sys.modules)
+    start = time.perf_counter()
+    pack = load_pack()
+    seconds = time.perf_counter() - start
+    new = set(sys.modules) - before
+    top = sorted({name.split(".")[0] for name in new} - {PACK_NAME})
+    return {"seconds": seconds, "torch_seconds": torch_seconds, "new_modules": len(new), "new_top_level": top,
+            "heavy": [m for m in HEAVY_MODULES if m in sys.modules], "nodes": len(pack.NODE_CLASS_MAPPINGS)}
+
+
+def fig_import(cfg: dict, tmp: Path) -> dict[str, Any]:
+    pycache = str(tmp / "pycache")
+    first = run_child(SCRIPT, ["--child", "import", "--pycache", pycache])  # compiles: no byte-code cache yet
+    runs = [run_child(SCRIPT, ["--child", "import", "--pycache", pycache]) for _ in range(cfg["import_runs"])]
+    ms = median(r["seconds"] for r in runs) * 1000
+    heavy = sorted({m for r in runs + [first] for m in r["heavy"]})
+    met = ms <= 50 and not heavy
+    return figure(
+        "1", "Import cost (pack, after torch)", round(ms, 1), "ms", "<= 50 ms, no heavy modules", met,
+        f"median of {len(runs)} fresh interpreters with a warm byte-code cache; heavy modules pulled in: "
+        f"{', '.join(heavy) or 'none'}; first import (compiling) {first['seconds'] * 1000:.0f} ms",
+        runs_ms=[round(r["seconds"] * 1000, 1) for r in runs], first_import_ms=round(first["seconds"] * 1000, 1),
+        heavy_modules=heavy, new_top_level_modules=runs[0]["new_top_level"], new_modules=runs[0]["new_modules"],
+        torch_import_ms=round(median(r["torch_seconds"] for r in runs) * 1000),
+    )
+
+
+# -- figures 2 and 3: node overhead, cache --------------------------------------------------------
+
+
+class Tiny:
+    """The tiny pipeline folder, loaded once by the loader node and once by plain diffusers."""
+
+    def __init__(self, tmp: Path) -> None:
+        from tests.tiny_pipeline import save_tiny_pipeline
+
+        self.dir = save_tiny_pipeline(tmp / "tiny")
+        self.pack = load_pack()
+        self.loader_node = self.pack.NODE_CLASS_MAPPINGS["QwenImageEditLoader"]()
+        self.sampler_node = self.pack.NODE_CLASS_MAPPINGS["QwenImageEditSampler"]()
+        # float32 on the CPU: the tiny pipeline's reference precision (bf16 matmuls are slow on most CPUs).
+        self.load_args = (str(self.dir), "float32", "same", "none", "transformer+text_encoder", "cpu", "none")
+
+    def load(self) -> Any:
+        return self.loader_node.load(*self.load_args)[0]
+
+
+def child_cache(folder: str, repeats: int) -> dict[str, Any]:
+    """In a fresh interpreter that has imported torch (ComfyUI at its first queue run): the loader node cold, then warm."""
+    import torch  # noqa: F401
+
+    pack = load_pack()
+    node = pack.NODE_CLASS_MAPPINGS["QwenImageEditLoader"]()
+    args = (folder, "float32", "same", "none", "transformer+text_encoder", "cpu", "none")
+    start = time.perf_counter()
+    node.load(*args)  # imports diffusers/transformers (the pack defers them) and loads
+    cold = time.perf_counter() - start
+    warm = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        node.load(*args)
+        warm.append(time.perf_counter() - start)
+    L = pack_module("loaders.pipeline")
+    L.release_pipeline()
+    start = time.perf_counter()
+    node.load(*args)  # cold again, libraries already imported: the load itself
+    reload = time.perf_counter() - start
+    L.release_pipeline()
+    return {"cold": cold, "reload": reload, "warm": warm}
+
+
+def fig_cache(cfg: dict, tiny: Tiny) -> dict[str, Any]:
+    r = run_child(SCRIPT, ["--child", "cache", "--dir", str(tiny.dir), "--repeats", str(cfg["warm_repeats"])])
+    warm = r["warm"]
+    warm_us = median(warm) * 1e6
+    return figure(
+        "3", "Loader node warm (cache hit)", round(warm_us, 1), "us", "warm < 1 ms", warm_us < 1000,
+        f"tiny pipeline, fresh interpreter with torch imported: cold (first load, importing diffusers and "
+        f"transformers) {r['cold'] * 1000:.0f} ms, cold with the libraries imported {r['reload'] * 1000:.0f} ms; "
+        f"warm = same settings again, median of {len(warm)} calls (max {max(warm) * 1e6:.0f} us)",
+        cold_first_ms=round(r["cold"] * 1000, 1), cold_reload_ms=round(r["reload"] * 1000, 1),
+        warm_median_us=round(warm_us, 2), warm_max_us=round(max(warm) * 1e6, 1), repeats=len(warm),
+    )
+
+
+def fig_overhead(cfg: dict, tiny: Tiny) -> dict[str, Any]:
+    import torch
+    from diffusers import QwenImageEditPlusPipeline
+
+    from tests.tiny_pipeline import make_test_image
+
+    S = pack_module("utils.sampling")
+    I = pack_module("utils.image")  # noqa: E741
+    size, steps, seed, prompt = cfg["edit_size"], cfg["edit_steps"], 0, "make it red"
+    handle = tiny.load()
+    plain = QwenImageEditPlusPipeline.from_pretrained(str(tiny.dir), dtype=torch.float32, local_files_only=True)
+    plain.to("cpu")
+    plain.set_progress_bar_config(disable=True)  # the loader disables it too
+
+    pil = make_test_image(size, size, seed=1)
+    image = I.pil_to_tensor(pil)  # exact: the node turns it back into this same PIL image
+    direct_kwargs = dict(prompt=prompt, negative_prompt=" ", true_cfg_scale=4.0, height=size, width=size,
+                         num_inference_steps=steps, num_images_per_prompt=1, output_type="pt")
+    node_kwargs = S.pipeline_kwargs(S.EditRequest(prompt, " ", seed, steps, 4.0, "match", size, size, 1), [pil],
+                                    size, size, seed)
+    same_args = all(node_kwargs[k] == v for k, v in direct_kwargs.items()) and set(node_kwargs) == set(
+        direct_kwargs) | {"image", "generator"}
+
+    # Time spent inside the pipeline call during each node run: node time minus this is what the node
+    # adds (input checks, conversions, progress, callbacks), measured without the other side's noise.
+    inner: list[float] = []
+    pipeline_call = QwenImageEditPlusPipeline.__call__
+
+    def timed_call(self: Any, *a: Any, **k: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return pipeline_call(self, *a, **k)
+        finally:
+            inner[-1] += time.perf_counter() - start
+
+    def node() -> Any:
+        inner.append(0.0)
+        QwenImageEditPlusPipeline.__call__ = timed_call  # only around the node's runs
+        try:
+            return tiny.sampler_node.edit(handle, image, prompt, " ", seed, steps, 4.0, "match", size, size, 1)[0]
+        finally:
+            QwenImageEditPlusPipeline.__call__ = pipeline_call
+
+    def direct() -> Any:
+        out = plain(image=[pil], generator=torch.Generator("cpu").manual_seed(seed), **direct_kwargs).images
+        return out.permute(0, 2, 3, 1)
+
+    cpu_times: dict[Any, list[float]] = {node: [], direct: []}
+
+    def clock(fn: Any) -> tuple[float, Any]:
+        # Wall time is the figure; process CPU time is kept beside it: with one torch thread it
+        # barely moves when other jobs pre-empt this one, so it shows what noise does to the wall time.
+        cpu, start = time.process_time(), time.perf_counter()
+        out = fn()
+        wall = time.perf_counter() - start
+        cpu_times[fn].append(time.process_time() - cpu)
+        return wall, out
+
+    # One thread: on a shared 2-core machine a second thread waiting on a pre-empted peer adds more
+    # noise than speed. Both sides run under the same setting.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg["edit_threads"] or threads)
+    try:
+        node(), direct()  # warm-up: first-call allocations and lazy imports
+        t_node, t_direct, ratios, identical = _pairs(cfg, node, direct, clock)
+    finally:
+        used = torch.get_num_threads()
+        torch.set_num_threads(threads)
+    ratio = median(t_node) / median(t_direct)
+    timed_inner = inner[-len(t_node):]
+    cpu_node, cpu_direct = cpu_times[node][-len(t_node):], cpu_times[direct][-len(t_node):]
+    cpu_ratio = median(cpu_node) / median(cpu_direct)
+    overhead_ms = median(n - i for n, i in zip(t_node, timed_inner)) * 1000
+    del plain
+    gc.collect()
+    return figure(
+        "2", "Sampler node / direct pipeline call", round(ratio, 3), "x", "<= 1.03, identical pixels",
+        ratio <= 1.03 and identical and same_args,
+        f"tiny pipeline fp32 on CPU (1 thread), {size}x{size} out, {steps} steps, true_cfg_scale 4; median of "
+        f"{len(t_node)} interleaved runs each: node {median(t_node):.2f} s, direct {median(t_direct):.2f} s "
+        f"(median per-pair ratio {median(ratios):.3f}; CPU-time ratio {cpu_ratio:.3f}); time the node spends outside the pipeline call "
+        f"{overhead_ms:.1f} ms ({overhead_ms / 10 / median(t_direct):.2f}%); identical pixels: {identical}; "
+        f"identical arguments: {same_args}",
+        node_s=[round(t, 3) for t in t_node], direct_s=[round(t, 3) for t in t_direct],
+        pair_ratios=[round(r, 4) for r in ratios], median_pair_ratio=round(median(ratios), 4),
+        cpu_time_ratio=round(cpu_ratio, 4), node_cpu_s=[round(t, 3) for t in cpu_node],
+        direct_cpu_s=[round(t, 3) for t in cpu_direct],
+        node_outside_pipeline_ms=round(overhead_ms, 2), identical_pixels=identical, identical_arguments=same_args,
+        size=size, steps=steps, torch_threads=used,
+    )
+
+
+def _pairs(cfg: dict, node: Any, direct: Any, clock: Any) -> tuple[list, list, list, bool]:
+    """Node and direct runs back to back, alternating which goes first; per-pair time ratios."""
+    import torch
+
+    t_node, t_direct, ratios, identical = [], [], [], True
+    for i in range(cfg["edit_pairs"]):
+        order = (node, direct) if i % 2 == 0 else (direct, node)
+        (ta, a), (tb, b) = clock(order[0]), clock(order[1])
+        tn, out_n, td, out_d = (ta, a, tb, b) if i % 2 == 0 else (tb, b, ta, a)
+        t_node.append(tn)
+        t_direct.append(td)
+        ratios.append(tn / td)
+        identical &= bool(torch.equal(out_n, out_d))
+        log(f"  figure 2: pair {i + 1}/{cfg['edit_pairs']}: node {tn:.2f} s, direct {td:.2f} s")
+    return t_node, t_direct, ratios, identical
+
+
+# -- figure 4: conversion ----------------------------------------------------------------------------
+
+
+def fig_conversion(cfg: dict) -> dict[str, Any]:
+    import numpy as np
+    import torch
+
+    I = pack_module("utils.image")  # noqa: E741
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (4, 1024, 1024, 3), generator=gen).float().div_(255)  # 8-bit values, as LoadImage gives
+
+    def pack_round_trip() -> Any:
+        return I.pil_to_tensor(I.tensor_to_pil(x))
+
+    def numpy_round_trip() -> Any:
+        u8 = np.rint(x.numpy() * 255).astype(np.uint8)
+        return torch.from_numpy(u8.astype(np.float32) / 255)
+
+    exact = torch.equal(pack_round_trip(), x) and torch.equal(numpy_round_trip(), x)
+    t_pack, t_np = [], []
+    for i in range(cfg["convert_runs"]):
+        for fn, out in ((pack_round_trip, t_pack), (numpy_round_trip, t_np))[:: 1 if i % 2 == 0 else -1]:
+            start = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - start)
+    tp, tn = median(t_pack), median(t_np)
+    ratio = tn / tp
+    mpix = 4 * 1024 * 1024 / 1e6
+    return figure(
+        "4", "IMAGE->PIL->IMAGE throughput vs numpy", round(ratio, 2), "x", ">= 0.8x numpy", ratio >= 0.8,
+        f"batch 4 x 1024x1024; pack {mpix / tp:.0f} MP/s ({tp * 1000:.0f} ms), plain numpy "
+        f"round(x*255)->uint8->/255 {mpix / tn:.0f} MP/s ({tn * 1000:.0f} ms); median of {len(t_pack)}; both exact: {exact}",
+        pack_ms=round(tp * 1000, 1), numpy_ms=round(tn * 1000, 1), pack_mp_s=round(mpix / tp), numpy_mp_s=round(mpix / tn),
+        exact_round_trip=exact,
+    )
+
+
+# -- figure 5: peak memory while loading -------------------------------------------------------------
+
+
+def child_load_memory(folder: str, warm: str, mode: str) -> dict[str, Any]:
+    """In a fresh interpreter: peak RSS while loading `folder` in bf16 on the CPU, by the pack or plain diffusers."""
+    import torch
+    from diffusers import QwenImageEditPlusPipeline
+
+    L = pack_module("loaders.pipeline")
+
+    def load(path: str) -> Any:
+        if mode == "pack":
+            settings = L.LoadSettings(path, precision="bfloat16", quantization="none", device="cpu", offload="none")
+            return L.get_pipeline(settings).pipe
+        pipe = QwenImageEditPlusPipeline.from_pretrained(path, dtype=torch.bfloat16, local_files_only=True)
+        return pipe.to("cpu")
+
+    pipe = load(warm)  # the tiny folder first: lazy imports and one-time allocations land in the baseline
+    del pipe
+    L.release_pipeline()
+    gc.collect()
+    baseline = current_rss()
+    with PeakRSS() as window:
+        start = time.perf_counter()
+        pipe = load(folder)
+        seconds = time.perf_counter() - start
+        peak_load = window.peak()
+        # safetensors weights are memory-mapped and paged in on first use: read every weight once, as
+        # the first edit would, so the figure covers the memory the loaded weights really take.
+        with torch.no_grad():
+            for component in (pipe.transformer, pipe.text_encoder, pipe.vae):
+                for tensor in itertools.chain(component.parameters(), component.buffers()):
+                    tensor.sum()
+        peak = window.peak()
+    after = current_rss()
+    params = sum(p.numel() * p.element_size() for p in pipe.transformer.parameters())
+    return {"baseline": baseline, "peak_load": peak_load, "peak": peak, "after": after, "seconds": seconds,
+            "transformer_param_bytes": params, "peak_method": window.method, "ru_maxrss": peak_rss()}
+
+
+def fig_load_memory(cfg: dict, tmp: Path, tiny: Tiny) -> dict[str, Any]:
+    from benchmarks import synthetic
+
+    folder = tmp / "large"
+    synthetic.save_pipeline(folder, synthetic.large_transformer_config(cfg["load_layers"]))
+    disk = dir_bytes(folder)
+    results = {}
+    for mode in ("pack", "diffusers"):
+        log(f"  figure 5: loading {disk / MB:.0f} MB in a fresh interpreter ({mode})")
+        r = run_child(SCRIPT, ["--child", "load-memory", "--dir", str(folder), "--warm", str(tiny.dir), "--mode", mode])
+        r["ratio"] = (r["peak"] - r["baseline"]) / disk
+        results[mode] = r
+    pack, plain = results["pack"], results["diffusers"]
+    ratio = pack["ratio"]
+    return figure(
+        "5", "Peak RSS during load / weights on disk", round(ratio, 2), "x", "<= 1.25x (+ baseline)", ratio <= 1.25,
+        f"{disk / MB:.0f} MB of bf16 safetensors ({cfg['load_layers']}-layer transformer, inner dim 1024) loaded bf16 "
+        f"on CPU by the loader, then every weight read once: baseline {pack['baseline'] / MB:.0f} MB (torch+diffusers "
+        f"imported, tiny pipeline loaded and released), peak {pack['peak'] / MB:.0f} MB ({pack['peak_load'] / MB:.0f} MB "
+        f"before the weights are first read: they are memory-mapped), after {pack['after'] / MB:.0f} MB; plain "
+        f"diffusers from_pretrained: {plain['ratio']:.2f}x",
+        disk_mb=round(disk / MB, 1), pack={k: _mb(v) for k, v in pack.items()},
+        diffusers={k: _mb(v) for k, v in plain.items()}, diffusers_ratio=round(plain["ratio"], 3),
+    )
+
+
+def _mb(value: Any) -> Any:
+    if isinstance(value, int) and value > 10_000_000:
+        return round(value / MB, 1)
+    return round(value, 3) if isinstance(value, float) else value
+
+
+# -- figure 6: quantized sizes ----------------------------------------------------------------------
+
+
+def _linear_share(model: Any) -> float:
+    import torch
+
+    linear = sum(m.weight.numel() for n, m in model.named_modules()
+                 if isinstance(m, torch.nn.Linear) and not n.endswith("lm_head"))
+    return linear / sum(p.numel() for p in model.parameters())
+
+
+def _quantized_text_encoder(folder: Path) -> dict[str, Any]:
+    from benchmarks import synthetic
+
+    L = pack_module("loaders.pipeline")
+    out: dict[str, Any] = {}
+    for q in ("none", "nf4", "8bit"):
+        L.release_pipeline()
+        settings = L.LoadSettings(str(folder), precision="bfloat16", quantization=q, quantize="text_encoder",
+                                  device="cpu", offload="none")
+        te = L.get_pipeline(settings).pipe.text_encoder
+        out[q] = {"bytes": synthetic.module_bytes(te), "footprint": int(te.get_memory_footprint()),
+                  "layers": sorted({type(m).__name__ for m in te.modules() if "Linear" in type(m).__name__})}
+        if q == "none":
+            out["linear_share"] = round(_linear_share(te), 3)
+            out["params"] = sum(p.numel() for p in te.parameters())
+        del te
+    L.release_pipeline()
+    for q in ("nf4", "8bit"):
+        out[q]["ratio"] = round(out[q]["bytes"] / out["none"]["bytes"], 3)
+    return out
+
+
+def _real_size_estimate(nf4_bytes_per_param: float) -> dict[str, float]:
+    """NF4/bf16 for the real components from their layer make-up (meta-device models; arithmetic, not measured)."""
+    import torch
+    from diffusers import QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from benchmarks.synthetic import FULL_TRANSFORMER
+
+    def ratio(model: Any, skip: tuple[str, ...]) -> float:
+        total = sum(p.numel() for p in model.parameters())
+        linear = sum(m.weight.numel() for n, m in model.named_modules()
+                     if isinstance(m, torch.nn.Linear) and not any(n.endswith(s) for s in skip))
+        return ((total - linear) * 2 + linear * nf4_bytes_per_param) / (total * 2)
+
+    with torch.device("meta"):
+        transformer = QwenImageTransformer2DModel(**FULL_TRANSFORMER)
+        te_config = Qwen2_5_VLConfig(  # Qwen2.5-VL-7B-Instruct's published config (sizes only)
+            text_config=dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                             num_attention_heads=28, num_key_value_heads=4,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}),
+            vision_config=dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584,
+                               fullatt_block_indexes=[7, 15, 23, 31]),
+            tie_word_embeddings=False,
+        )
+        text_encoder = Qwen2_5_VLForConditionalGeneration(te_config)
+    lm_head = text_encoder.lm_head.weight.numel()
+    te_total = sum(p.numel() for p in text_encoder.parameters())
+    te_nf4 = ratio(text_encoder, ("lm_head",)) * te_total * 2
+    return {"transformer": round(ratio(transformer, ("transformer_blocks.0.img_mod.1",)), 3),
+            "text_encoder": round(ratio(text_encoder, ("lm_head",)), 3),
+            # The pipeline reads hidden states only; lm_head (0.5B params) is loaded but never used.
+            "text_encoder_without_lm_head": round((te_nf4 - lm_head * 2) / ((te_total - lm_head) * 2), 3),
+            "transformer_params_b": round(sum(p.numel() for p in transformer.parameters()) / 1e9, 2),
+            "text_encoder_params_b": round(sum(p.numel() for p in text_encoder.parameters()) / 1e9, 2)}
+
+
+def fig_quantized(cfg: dict, tmp: Path, tiny: Tiny) -> dict[str, Any]:
+    import importlib.util
+
+    import torch
+
+    from benchmarks import synthetic
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return figure("6", "NF4 text encoder / bf16", None, "x", "NF4 <= 0.35x", None, "skipped: bitsandbytes not installed")
+    folder = tmp / "wide-text-encoder"
+    te = synthetic.REPRESENTATIVE_TEXT_ENCODER
+    transformer = {**synthetic.large_transformer_config(1, te["hidden"]), "attention_head_dim": 16,
+                   "num_attention_heads": 4, "axes_dims_rope": (8, 4, 4)}
+    synthetic.save_pipeline(folder, transformer, text_encoder=te)
+    log("  figure 6: tiny text encoder")
+    tiny_q = _quantized_text_encoder(tiny.dir)
+    log("  figure 6: representative text encoder (linear layers dominate)")
+    wide_q = _quantized_text_encoder(folder)
+    nf4, int8 = wide_q["nf4"]["ratio"], wide_q["8bit"]["ratio"]
+    # What one NF4 weight costs here (4-bit codes + absmax per block), applied to the real layer make-up.
+    per_param = _nf4_bytes_per_linear_param(wide_q)
+    try:
+        real = _real_size_estimate(per_param)
+    except Exception as exc:  # noqa: BLE001 - an estimate only
+        real = {"error": f"{type(exc).__name__}: {exc}"}
+    transformer_note = "transformer: skipped, needs CUDA (diffusers refuses to quantize it on CPU; gpu.py measures it)"
+    if torch.cuda.is_available():
+        transformer_note = "transformer: run benchmarks/gpu.py on this CUDA machine for its NF4 size"
+    return figure(
+        "6", "NF4 text encoder / bf16", nf4, "x", "NF4 <= 0.35x", nf4 <= 0.35,
+        f"text encoder quantized on CPU by the loader (bitsandbytes): representative ({wide_q['params'] / 1e6:.0f}M "
+        f"params, {wide_q['linear_share']:.0%} in linear layers) NF4 {nf4:.3f}x, 8-bit {int8:.3f}x; the kit's tiny "
+        f"one ({tiny_q['linear_share']:.0%} linear) NF4 {tiny_q['nf4']['ratio']:.3f}x, 8-bit {tiny_q['8bit']['ratio']:.3f}x; "
+        f"{transformer_note}; estimate from the real layer make-up at {per_param:.3f} B per NF4 weight: transformer "
+        f"{real.get('transformer')}x, Qwen2.5-VL-7B text encoder {real.get('text_encoder')}x (embedding and the "
+        f"unused lm_head stay bf16; {real.get('text_encoder_without_lm_head')}x without lm_head)",
+        representative=wide_q, tiny=tiny_q, nf4_bytes_per_linear_param=round(per_param, 4), real_size_estimate=real,
+        transformer="skipped: needs CUDA" if not torch.cuda.is_available() else "see gpu.py",
+    )
+
+
+def _nf4_bytes_per_linear_param(q: dict[str, Any]) -> float:
+    """Bytes per quantized weight: (NF4 size - unquantized rest) / linear parameters."""
+    linear = q["linear_share"] * q["params"]
+    rest = q["none"]["bytes"] - linear * 2
+    return (q["nf4"]["bytes"] - rest) / linear
+
+
+# -- main ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes (smoke run)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="where to write the JSON (default benchmarks/results/cpu.json; --quick: none unless given)")
+    parser.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated figure numbers")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--pycache", help=argparse.SUPPRESS)
+    parser.add_argument("--dir", help=argparse.SUPPRESS)
+    parser.add_argument("--warm", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    setup()
+
+    if args.child == "import":
+        print(json.dumps(child_import(args.pycache)))
+        return 0
+    if args.child == "cache":
+        print(json.dumps(child_cache(args.dir, args.repeats)))
+        return 0
+    if args.child == "load-memory":
+        quiet()
+        print(json.dumps(child_load_memory(args.dir, args.warm, args.mode)))
+        return 0
+
+    quiet()
+    cfg = QUICK if args.quick else FULL
+    wanted = {s.strip() for s in args.only.split(",") if s.strip()}
+    json_path = args.json or (None if args.quick else RESULTS_DIR / "cpu.json")
+    machine = machine_info()
+    log(f"machine: {machine_line(machine)}")
+    started = time.perf_counter()
+    figures: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="qwen-edit-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        tiny: Tiny | None = None
+
+        def need_tiny() -> Tiny:
+            nonlocal tiny
+            if tiny is None:
+                tiny = Tiny(tmp)
+            return tiny
+
+        steps = [
+            ("1", "import cost", lambda: fig_import(cfg, tmp)),
+            ("3", "loader cache", lambda: fig_cache(cfg, need_tiny())),
+            ("2", "node overhead", lambda: fig_overhead(cfg, need_tiny())),
+            ("4", "image conversion", lambda: fig_conversion(cfg)),
+            ("5", "load memory", lambda: fig_load_memory(cfg, tmp, need_tiny())),
+            ("6", "quantized sizes", lambda: fig_quantized(cfg, tmp, need_tiny())),
+        ]
+        for fid, title, fn in steps:
+            if fid not in wanted:
+                continue
+            log(f"figure {fid}: {title}...")
+            t0 = time.perf_counter()
+            try:
+                figures.append(fn())
+            except Exception as exc:  # noqa: BLE001 - one broken figure must not hide the others
+                log(f"figure {fid} failed: {type(exc).__name__}: {exc}")
+                figures.append(figure(fid, title, None, "", "", False, f"error: {type(exc).__name__}: {exc}"))
+            log(f"figure {fid}: done in {time.perf_counter() - t0:.1f} s")
+        pack_module("loaders.pipeline").release_pipeline() if PACK_NAME in sys.modules else None
+    figures.sort(key=lambda f: f["id"])
+    payload = {"kind": "cpu", "quick": args.quick, "machine": machine,
+               "command": "python benchmarks/run.py" + (" --quick" if args.quick else ""),
+               "seconds": round(time.perf_counter() - started, 1), "figures": figures}
+    print(f"Machine: {machine_line(machine)}")
+    print(figures_table(figures))
+    for f in figures:
+        print(f"  {f['id']}. {f['notes']}")
+    if json_path is not None:
+        write_json(json_path, payload)
+        print(f"JSON: {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
