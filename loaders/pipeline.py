@@ -65,10 +65,15 @@ class LoadSettings:
 
 @dataclass(frozen=True)
 class PipeHandle:
-    """What flows along a QWEN_IMAGE_EDIT_PIPE link: the load settings plus the LoRAs to apply."""
+    """What flows along a QWEN_IMAGE_EDIT_PIPE link: the load settings plus the LoRAs to apply.
+
+    `loras` is a tuple of `loaders.lora.LoraSpec` in chain order; `speed` a `loaders.speed.SpeedOptions`
+    or None (all off). The sampler applies both to the cached pipeline just before each edit.
+    """
 
     settings: LoadSettings
     loras: tuple = ()
+    speed: Any = None
 
 
 @dataclass
@@ -324,6 +329,25 @@ def _apply_offload(pipe: Any, offload: str, device: str) -> None:
         )
 
 
+def drop_unused_lm_head(pipe: Any) -> None:
+    """Replace the text encoder's lm_head, which the pipeline never uses, with an identity.
+
+    The pipeline reads only the last hidden state; the 152k-vocabulary head (1.1 GB in bf16, and a
+    logits matmul over every prompt token) is dead weight. Unless its weight is tied to the input
+    embedding, dropping it frees that memory and changes no output.
+    """
+    import torch
+
+    encoder = pipe.text_encoder
+    head = getattr(encoder, "lm_head", None)
+    if head is None or isinstance(head, torch.nn.Identity):
+        return
+    embeddings = encoder.get_input_embeddings()
+    if embeddings is not None and getattr(head, "weight", None) is getattr(embeddings, "weight", None):
+        return
+    encoder.lm_head = torch.nn.Identity()
+
+
 def _oom_message(settings: LoadSettings, placement: Placement, device: str) -> str:
     free = comfy.free_device_memory(device)
     free_txt = f"{free / 2**30:.1f} GB free" if free is not None else "free memory unknown"
@@ -367,6 +391,7 @@ def _load(settings: LoadSettings) -> LoadedPipeline:
             kwargs["quantization_config"] = qconfig
         pipe = QwenImageEditPlusPipeline.from_pretrained(str(folder.path), **kwargs)
         check_zero_cond_t(folder, pipe.transformer)
+        drop_unused_lm_head(pipe)
         _apply_offload(pipe, placement.offload, device)
         pipe.set_progress_bar_config(disable=True)
         seconds = time.perf_counter() - start

@@ -418,3 +418,18 @@ def test_interrupted_load_leaves_cache_empty(L, tiny_2511_dir, monkeypatch):
 def test_invalid_settings_are_refused(L, field, value):
     with pytest.raises(L.LoadError, match="not one of|No model"):
         L.LoadSettings(**{"model": "x", field: value})
+
+
+def test_unused_lm_head_is_dropped_without_changing_the_edit(L, tiny_2511_dir):
+    from diffusers import QwenImageEditPlusPipeline
+
+    from tests.tiny_pipeline import make_test_image
+
+    loaded = L.get_pipeline(settings(L, tiny_2511_dir, precision="float32"))
+    assert isinstance(loaded.pipe.text_encoder.lm_head, torch.nn.Identity)
+    plain = QwenImageEditPlusPipeline.from_pretrained(str(tiny_2511_dir), **{L.dtype_kwarg(): torch.float32})
+    assert not isinstance(plain.text_encoder.lm_head, torch.nn.Identity)
+    args = dict(prompt="red", negative_prompt=" ", num_inference_steps=2, height=64, width=64, output_type="pt")
+    ours = loaded.pipe(image=[make_test_image(64, 64)], generator=torch.manual_seed(0), **args).images
+    theirs = plain(image=[make_test_image(64, 64)], generator=torch.manual_seed(0), **args).images
+    assert torch.equal(ours, theirs)
