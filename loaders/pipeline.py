@@ -164,9 +164,10 @@ def download_command(repo_id: str) -> str:
 def resolve_model_path(model: str) -> Path:
     """A combo value, path or hub id to a local folder. Never downloads."""
     for root in comfy.diffusers_model_dirs():
-        candidate = root / model
-        if (candidate / "model_index.json").is_file():
-            return candidate
+        # A hub id also finds the folder its download command creates: models/diffusers/<name>.
+        for name in dict.fromkeys((model, model.rstrip("/").split("/")[-1] if _HUB_ID.match(model) else model)):
+            if (root / name / "model_index.json").is_file():
+                return root / name
     path = Path(model).expanduser()
     if path.exists() or not _HUB_ID.match(model):
         return path
@@ -183,6 +184,14 @@ def resolve_model_path(model: str) -> Path:
 
 
 # -- loading ---------------------------------------------------------------------------------------
+
+
+def device_choices() -> list[str]:
+    """The device combo: the fixed choices plus cuda:N when there are several GPUs."""
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return list(DEVICES) + ([f"cuda:{i}" for i in range(count)] if count > 1 else [])
 
 
 def resolve_device(device: str) -> str:

@@ -51,7 +51,7 @@ class QwenImageEditLoader:
                     "default": "transformer+text_encoder",
                     "tooltip": "Which components quantization applies to.",
                 }),
-                "device": (list(loader.DEVICES), {
+                "device": (loader.device_choices(), {
                     "default": "auto",
                     "tooltip": "auto: ComfyUI's device (else cuda, mps, xpu, cpu). cuda:N picks a GPU.",
                 }),
@@ -65,7 +65,8 @@ class QwenImageEditLoader:
         }
 
     @classmethod
-    def VALIDATE_INPUTS(cls, device: str = "auto", **_: object) -> bool | str:
+    def VALIDATE_INPUTS(cls, device: str) -> bool | str:
+        """Only `device` is checked here (it accepts cuda:N); ComfyUI checks every other input itself."""
         kind, _, index = device.partition(":")
         if kind in loader.DEVICES and (not index or index.isdigit()):
             return True

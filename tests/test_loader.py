@@ -233,8 +233,10 @@ def test_unavailable_device_is_refused(L, tiny_2511_dir):
 
 
 def test_component_sizes_come_from_headers(L, tiny_2511_dir):
+    from diffusers import QwenImageEditPlusPipeline
+
     folder = L.inspect_model_folder(tiny_2511_dir)
-    pipe = L.get_pipeline(settings(L, tiny_2511_dir, precision="float32")).pipe
+    pipe = QwenImageEditPlusPipeline.from_pretrained(str(tiny_2511_dir), **{L.dtype_kwarg(): torch.float32})
     for name in ("transformer", "text_encoder", "vae"):
         params = sum(p.numel() for p in getattr(pipe, name).parameters())
         buffers = sum(b.numel() for b in getattr(pipe, name).buffers() if b.is_floating_point())
@@ -314,6 +316,19 @@ def test_comfyui_free_releases_pipeline_and_lists_models(pack, L, tiny_2511_dir,
     assert comfyui["comfy.model_management"].unload_calls == 1, "ComfyUI's models were not unloaded first"
     comfyui["comfy.model_management"].unload_all_models()
     assert L.current_pipeline() is None
+    shutil.copytree(tiny_2511_dir, Path(models) / "Qwen-Image-Edit-2511")
+    assert L.resolve_model_path("Qwen/Qwen-Image-Edit-2511") == Path(models) / "Qwen-Image-Edit-2511"
+
+
+def test_loader_validates_only_device_itself(pack):
+    """ComfyUI skips its own checks for every input VALIDATE_INPUTS names (or all, with **kwargs)."""
+    import inspect
+
+    node = pack.NODE_CLASS_MAPPINGS["QwenImageEditLoader"]
+    spec = inspect.getfullargspec(node.VALIDATE_INPUTS)
+    assert spec.varkw is None and spec.args[1:] == ["device"]
+    assert node.VALIDATE_INPUTS(device="cuda:1") is True
+    assert "device must be" in node.VALIDATE_INPUTS(device="tpu")
 
 
 # -- bad input -------------------------------------------------------------------------------------

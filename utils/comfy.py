@@ -7,6 +7,7 @@ falls back to plain torch and a simple cancel flag.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -187,12 +188,26 @@ def throw_if_interrupted() -> None:
         raise Cancelled("cancelled")
 
 
+_printer: Callable[[int, int], None] | None = None
+
+
+@contextlib.contextmanager
+def progress_printer(printer: Callable[[int, int], None]):
+    """Send every progress update made inside the block to `printer(value, total)` (the command line)."""
+    global _printer
+    previous, _printer = _printer, printer
+    try:
+        yield
+    finally:
+        _printer = previous
+
+
 class Progress:
-    """One progress bar: ComfyUI's when present, else an optional text callback."""
+    """One progress bar: ComfyUI's when present, else a text callback (given, or `progress_printer`'s)."""
 
     def __init__(self, total: int, printer: Callable[[int, int], None] | None = None) -> None:
         self.total = total
-        self._printer = printer
+        self._printer = printer or _printer
         self._bar = None
         if in_comfyui():
             import comfy.utils

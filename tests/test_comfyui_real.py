@@ -1,0 +1,241 @@
+"""The pack inside a real ComfyUI: start the server, queue the example API workflows, read the results.
+
+Skipped unless ``COMFYUI_PATH`` points at a ComfyUI checkout (0.8.0 is what this was written against).
+``COMFYUI_PYTHON`` names the Python that has ComfyUI's requirements and the pack's (default: this
+one). Everything runs on this machine: the server listens on 127.0.0.1 only, with a throw-away base
+directory (``--base-directory``) holding the pack (a symlink in custom_nodes/), a tiny random model
+in models/diffusers/ and a test image in input/, so the checkout itself is not touched.
+
+The test process itself stays off the network (conftest blocks sockets); it talks to the server
+through a small client subprocess.
+
+    COMFYUI_PATH=/path/to/ComfyUI COMFYUI_PYTHON=/path/to/venv/bin/python \\
+        python -m pytest tests/test_comfyui_real.py -v
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+API_DIR = REPO / "example_workflows" / "api"
+COMFYUI = os.environ.get("COMFYUI_PATH")
+PACK_FOLDER = "qwen-image-edit-diffusers"
+MODEL_FOLDER = "Qwen-Image-Edit-2511-tiny"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not COMFYUI, reason="set COMFYUI_PATH to a ComfyUI checkout to run the pack in real ComfyUI"),
+]
+
+#: Runs in a subprocess: one HTTP request to the local server, the answer as JSON on stdout.
+CLIENT = r"""
+import json, sys, urllib.request, urllib.error
+method, url, body = sys.argv[1], sys.argv[2], sys.argv[3]
+data = body.encode() if body else None
+request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+try:
+    with urllib.request.urlopen(request, timeout=30) as response:
+        status, text = response.status, response.read().decode()
+except urllib.error.HTTPError as exc:
+    status, text = exc.code, exc.read().decode()
+except OSError as exc:
+    status, text = 0, str(exc)
+print(json.dumps({"status": status, "text": text}))
+"""
+
+
+@dataclass
+class Server:
+    url: str
+    base: Path
+    log: Path
+    process: subprocess.Popen
+
+    def request(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        payload = json.dumps(body) if body is not None else ""
+        done = subprocess.run([sys.executable, "-c", CLIENT, method, self.url + path, payload],
+                              capture_output=True, text=True, timeout=60)
+        answer = json.loads(done.stdout)
+        try:
+            return answer["status"], json.loads(answer["text"]) if answer["text"] else None
+        except json.JSONDecodeError:
+            return answer["status"], answer["text"]
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_for_log(self, pattern: str, count: int = 1, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(re.findall(pattern, self.log_text())) >= count:
+                return
+            time.sleep(0.5)
+        pytest.fail(f"ComfyUI never logged {pattern!r} x{count}; log tail:\n{self.log_text()[-3000:]}")
+
+    def run(self, prompt: dict, timeout: float = 600) -> dict:
+        """POST /prompt, then poll /history until it finishes; returns the history entry."""
+        status, answer = self.request("POST", "/prompt", {"prompt": prompt, "client_id": "qwen-edit-test"})
+        assert status == 200, f"/prompt refused the workflow: {answer}"
+        prompt_id = answer["prompt_id"]
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            _, history = self.request("GET", f"/history/{prompt_id}")
+            if history and prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None:
+                entry = history[prompt_id]
+                if entry["status"]["status_str"] in ("success", "error"):
+                    return entry
+            assert self.process.poll() is None, f"ComfyUI exited:\n{self.log_text()[-3000:]}"
+            time.sleep(1)
+        pytest.fail(f"the prompt did not finish in {timeout} s; log tail:\n{self.log_text()[-3000:]}")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    from tests.tiny_pipeline import make_test_image, save_tiny_pipeline
+
+    comfyui = Path(COMFYUI).expanduser().resolve()
+    assert (comfyui / "main.py").is_file(), f"COMFYUI_PATH={COMFYUI} has no main.py"
+    base = tmp_path_factory.mktemp("comfyui-base")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / PACK_FOLDER).symlink_to(REPO, target_is_directory=True)
+    save_tiny_pipeline(base / "models" / "diffusers" / MODEL_FOLDER, zero_cond_t=True)
+    (base / "input").mkdir()
+    make_test_image(64, 48, seed=1).save(base / "input" / "test.png")
+    make_test_image(48, 48, seed=2).save(base / "input" / "reference.png")
+
+    port = _free_port()
+    log = base / "comfyui.log"
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    command = [python, str(comfyui / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+               "--base-directory", str(base), "--disable-auto-launch", "--disable-api-nodes",
+               "--database-url", "sqlite:///:memory:"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as sink:
+        process = subprocess.Popen(command, cwd=comfyui, stdout=sink, stderr=subprocess.STDOUT, env=env)
+    srv = Server(f"http://127.0.0.1:{port}", base, log, process)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            assert process.poll() is None, f"ComfyUI exited at start-up:\n{srv.log_text()[-4000:]}"
+            status, _ = srv.request("GET", "/system_stats")
+            if status == 200:
+                break
+            time.sleep(1)
+        else:
+            pytest.fail(f"ComfyUI did not answer in 300 s:\n{srv.log_text()[-4000:]}")
+        yield srv
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _example(name: str, steps: int = 2) -> dict:
+    """An example API twin, pointed at the tiny model and the test images, 2 steps, tiny scale."""
+    prompt = json.loads((API_DIR / f"{name}.json").read_text())
+    images = iter(["test.png", "reference.png"])
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if node["class_type"] == "LoadImage":
+            inputs["image"] = next(images)
+        elif node["class_type"] == "QwenImageEditLoader":
+            inputs["model"] = MODEL_FOLDER
+        elif node["class_type"] == "QwenImageEditSampler":
+            inputs["steps"] = steps
+        elif node["class_type"] == "QwenImageEditImageScale":
+            inputs["megapixels"] = 0.01  # ~96x80: the tiny model edits it in seconds on a CPU
+    return prompt
+
+
+def _saved_images(server: Server, entry: dict) -> list[Path]:
+    paths = []
+    for output in entry["outputs"].values():
+        for image in output.get("images", []):
+            paths.append(server.base / image["type"] / image.get("subfolder", "") / image["filename"])
+    return paths
+
+
+def test_the_pack_loads_in_comfyui(server: Server):
+    text = server.log_text()
+    assert "IMPORT FAILED" not in text or PACK_FOLDER not in text.split("IMPORT FAILED")[-1][:300], text[-3000:]
+    status, info = server.request("GET", "/object_info/QwenImageEditLoader")
+    assert status == 200 and "QwenImageEditLoader" in info, info
+    models = info["QwenImageEditLoader"]["input"]["required"]["model"][0]
+    assert MODEL_FOLDER in models, f"models/diffusers was not listed: {models}"
+
+
+def test_the_template_browser_lists_the_examples(server: Server):
+    status, templates = server.request("GET", "/workflow_templates")
+    assert status == 200
+    assert sorted(templates.get(PACK_FOLDER, [])) == sorted(p.stem for p in (REPO / "example_workflows").glob("*.json"))
+
+
+def test_single_image_example_runs(server: Server):
+    entry = server.run(_example("qwen_image_edit_2511_single_image"))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    [path] = _saved_images(server, entry)
+    from PIL import Image
+
+    with Image.open(path) as image:
+        assert image.size[0] % 16 == 0 and image.size[1] % 16 == 0 and image.size[0] > image.size[1]
+    assert "Qwen-Image-Edit: loading" in server.log_text()
+
+
+def test_two_image_example_reuses_the_loaded_pipeline(server: Server):
+    before = server.log_text().count("Qwen-Image-Edit: loading")
+    entry = server.run(_example("qwen_image_edit_2511_two_images"))
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert len(_saved_images(server, entry)) == 1
+    assert server.log_text().count("Qwen-Image-Edit: loading") == before, "the cached pipeline was loaded again"
+
+
+def test_free_releases_the_pipeline(server: Server):
+    """The UI's "Unload models" posts /free: the pipeline is released, and the next run loads it again."""
+    loads = server.log_text().count("Qwen-Image-Edit: loading")
+    releases = server.log_text().count("Qwen-Image-Edit: released")
+    status, _ = server.request("POST", "/free", {"unload_models": True, "free_memory": True})
+    assert status == 200
+    server.wait_for_log("Qwen-Image-Edit: released", count=releases + 1)
+    prompt = _example("qwen_image_edit_2511_single_image")
+    next(n for n in prompt.values() if n["class_type"] == "QwenImageEditSampler")["inputs"]["seed"] = 1
+    entry = server.run(prompt)
+    assert entry["status"]["status_str"] == "success", entry["status"]
+    assert server.log_text().count("Qwen-Image-Edit: loading") == loads + 1
+
+
+def test_a_bad_value_is_refused_at_queue_time(server: Server):
+    prompt = _example("qwen_image_edit_2511_single_image")
+    next(n for n in prompt.values() if n["class_type"] == "QwenImageEditSampler")["inputs"]["steps"] = 1
+    status, answer = server.request("POST", "/prompt", {"prompt": prompt})
+    assert status == 400 and "node_errors" in answer
+    assert "steps" in json.dumps(answer["node_errors"])
+
+
+def test_low_memory_example_on_a_cpu_says_what_to_change(server: Server):
+    """--cpu has no CUDA: NF4 on the transformer cannot run, and the error says so instead of crashing."""
+    entry = server.run(_example("qwen_image_edit_2511_low_memory_nf4"))
+    assert entry["status"]["status_str"] == "error"
+    messages = json.dumps(entry["status"]["messages"])
+    assert "quantization" in messages and "CUDA" in messages, messages
