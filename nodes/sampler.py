@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from ..loaders import lora
 from ..loaders import pipeline as loader
+from ..loaders import speed
 from ..utils import sampling
 from .loader import PIPE_TYPE
 
@@ -14,7 +16,8 @@ class QwenImageEditSampler:
         "Edits images with Qwen-Image-Edit as the model card runs it: true classifier-free guidance "
         "(true_cfg_scale above 1 with a negative prompt), 40 steps, ~1 MP output. Up to three images can "
         "be referred to in the prompt as 'Picture 1', 'Picture 2', 'Picture 3'. A batch of images gives "
-        "one edit each (item b uses seed + b). Cancel stops within one step."
+        "one edit each (item b uses seed + b). Cancel stops within one step. With a Lightning LoRA on the "
+        "pipe, steps left at 40 and true_cfg_scale left at 4.0 become the LoRA's 4 or 8 steps and 1.0."
     )
     CATEGORY = "Qwen-Image-Edit"
     FUNCTION = "edit"
@@ -42,11 +45,13 @@ class QwenImageEditSampler:
                                  "tooltip": "Noise seed, drawn on the CPU so the same seed gives the same "
                                  "noise on any device."}),
                 "steps": ("INT", {"default": 40, "min": 2, "max": 200,
-                                  "tooltip": "Denoising steps. The model card uses 40; Lightning LoRAs use 4 or 8."}),
+                                  "tooltip": "Denoising steps. The model card uses 40. With a Lightning LoRA, 40 "
+                                  "means 'the LoRA's own' (4 or 8); any other value is used as set."}),
                 "true_cfg_scale": ("FLOAT", {
                     "default": 4.0, "min": 0.0, "max": 20.0, "step": 0.1,
                     "tooltip": "Classifier-free guidance strength (the model card uses 4.0). 1 or below turns "
-                    "guidance off: twice as fast, follows the prompt less. Lightning LoRAs use 1.",
+                    "guidance off: twice as fast, follows the prompt less. With a Lightning LoRA, 4.0 means "
+                    "1.0 (Lightning runs without CFG); any other value is used as set.",
                 }),
                 "size_mode": (list(sampling.SIZE_MODES), {
                     "default": "auto",
@@ -76,7 +81,10 @@ class QwenImageEditSampler:
         images = [image, image2, image3]
         sampling.validate(req, images)
         loaded = loader.get_pipeline(pipe.settings)
-        return (sampling.run_edit(loaded, req, images),)
+        applied = lora.apply_loras(loaded, pipe.loras)
+        req = sampling.with_lightning_defaults(req, applied.lightning_steps)
+        speed.apply_speed(loaded, getattr(pipe, "speed", None))
+        return (speed.run_with_fallback(loaded, lambda: sampling.run_edit(loaded, req, images)),)
 
 
 NODE_CLASS_MAPPINGS = {"QwenImageEditSampler": QwenImageEditSampler}

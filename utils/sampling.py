@@ -8,6 +8,8 @@ node against a direct pipeline call.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 import traceback
 from dataclasses import dataclass
@@ -17,6 +19,8 @@ import torch
 
 from . import comfy
 from .image import tensor_to_pil, validate_image
+
+log = logging.getLogger("qwen_image_edit")
 
 SIZE_MODES = ("auto", "match", "custom")
 MAX_MEGAPIXELS = 4.2
@@ -38,6 +42,36 @@ class EditRequest:
     width: int = 1024
     height: int = 1024
     images_per_prompt: int = 1
+
+
+#: The sampler's widget defaults, which are the model card's values. While a Lightning LoRA is active a
+#: value still at its default is taken as "not chosen" and replaced by Lightning's (see
+#: `with_lightning_defaults`); any other value is the user's choice and is kept.
+MODEL_CARD_STEPS = 40
+MODEL_CARD_TRUE_CFG = 4.0
+LIGHTNING_TRUE_CFG = 1.0
+
+
+def with_lightning_defaults(req: EditRequest, lightning_steps: int | None) -> EditRequest:
+    """The request to run while a Lightning LoRA is active.
+
+    ComfyUI widget defaults are static, so a Lightning LoRA cannot change the sampler's widgets. Instead:
+    steps still at 40 become the LoRA's step count (4 or 8), and true_cfg_scale still at 4.0 becomes 1.0
+    (Lightning is distilled without CFG; 4.0 would over-saturate and double the time). Each value is
+    decided on its own, and a value the user changed is always respected.
+    """
+    if not lightning_steps:
+        return req
+    changes: dict[str, Any] = {}
+    if req.steps == MODEL_CARD_STEPS and lightning_steps != MODEL_CARD_STEPS:
+        changes["steps"] = int(lightning_steps)
+    if req.true_cfg_scale == MODEL_CARD_TRUE_CFG:
+        changes["true_cfg_scale"] = LIGHTNING_TRUE_CFG
+    if changes:
+        log.info("Qwen-Image-Edit: Lightning LoRA: %s (the sampler's values were the model-card defaults)",
+                 ", ".join(f"{k} {getattr(req, k)} -> {v}" for k, v in changes.items()))
+        req = dataclasses.replace(req, **changes)
+    return req
 
 
 def auto_size(width: int, height: int, area: int = 1024 * 1024) -> tuple[int, int]:
