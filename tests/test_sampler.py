@@ -267,3 +267,11 @@ def test_tiny_image_handled(sampler, handle):
         assert "Scale" in str(exc) or "small" in str(exc)
     else:
         assert out.shape[-1] == 3
+
+
+def test_match_warns_when_the_pipeline_will_resize_the_reference(sampler, handle, mods, caplog):
+    I = mods[3]
+    assert I.pipeline_reference_size(1184, 896) == (1184, 896)
+    with caplog.at_level("WARNING", logger="qwen_image_edit"):
+        edit(sampler, handle, image(64, 48))
+    assert any("re-encodes this 64x48 image" in r.getMessage() for r in caplog.records)

@@ -18,7 +18,7 @@ from typing import Any, Callable
 import torch
 
 from . import comfy
-from .image import tensor_to_pil, validate_image
+from .image import pipeline_reference_size, tensor_to_pil, validate_image
 
 log = logging.getLogger("qwen_image_edit")
 
@@ -197,6 +197,13 @@ def run_edit(
     batch = max(img.shape[0] if img.ndim == 4 else 1 for img in present)
     first = present[0]
     width, height, exact = output_size(req, first.shape[-2], first.shape[-3])
+    if req.size_mode == "match" and pipeline_reference_size(first.shape[-2], first.shape[-3]) != (first.shape[-2], first.shape[-3]):
+        ref_w, ref_h = pipeline_reference_size(first.shape[-2], first.shape[-3])
+        log.warning(
+            "Qwen-Image-Edit: the pipeline re-encodes this %dx%d image at %dx%d, so the edit may drift slightly "
+            "against it. For an exact overlay scale it first with 'Qwen-Image-Edit Image Scale' at 1.0 megapixels.",
+            first.shape[-2], first.shape[-3], ref_w, ref_h,
+        )
     progress = comfy.Progress(batch * req.steps, printer)
     previewer = comfy.latent_previewer(loaded.device, pipe.vae.config.z_dim)
 
