@@ -183,6 +183,23 @@ def tiny_dir_copy(tiny_2511_dir: Path, tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def handle(pack: types.ModuleType, tiny_2511_dir: Path) -> Iterator[Any]:
+    """A PipeHandle for the tiny 2511 model loaded in float32 on the CPU (bit-exact comparisons)."""
+    loader = importlib.import_module(f"{pack.__name__}.loaders.pipeline")
+    loader.release_pipeline()
+    settings = loader.LoadSettings(str(tiny_2511_dir), precision="float32", device="cpu", quantization="none",
+                                   offload="none")
+    loader.get_pipeline(settings)
+    yield loader.PipeHandle(settings)
+    loader.release_pipeline()
+
+
+@pytest.fixture
+def sampler(pack: types.ModuleType) -> Any:
+    return pack.NODE_CLASS_MAPPINGS["QwenImageEditSampler"]()
+
+
+@pytest.fixture
 def load_counter(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     """Records each real ``QwenImageEditPlusPipeline.from_pretrained`` call (a spy: the real load runs)."""
     from diffusers import QwenImageEditPlusPipeline

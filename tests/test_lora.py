@@ -144,24 +144,8 @@ def mods(pack):
 
 
 @pytest.fixture
-def handle(mods, tiny_2511_dir):
-    L = mods[0]
-    L.release_pipeline()
-    settings = L.LoadSettings(str(tiny_2511_dir), precision="float32", device="cpu", quantization="none",
-                              offload="none")
-    L.get_pipeline(settings)
-    yield L.PipeHandle(settings)
-    L.release_pipeline()
-
-
-@pytest.fixture
 def lora_node(pack):
     return pack.NODE_CLASS_MAPPINGS["QwenImageEditLoRA"]()
-
-
-@pytest.fixture
-def sampler(pack):
-    return pack.NODE_CLASS_MAPPINGS["QwenImageEditSampler"]()
 
 
 def image(w=64, h=64, seed=0):

@@ -22,22 +22,6 @@ def mods(pack):
     return L, S, C, I
 
 
-@pytest.fixture
-def handle(mods, tiny_2511_dir):
-    L = mods[0]
-    L.release_pipeline()
-    settings = L.LoadSettings(str(tiny_2511_dir), precision="float32", device="cpu", quantization="none",
-                              offload="none")
-    L.get_pipeline(settings)
-    yield L.PipeHandle(settings)
-    L.release_pipeline()
-
-
-@pytest.fixture
-def sampler(pack):
-    return pack.NODE_CLASS_MAPPINGS["QwenImageEditSampler"]()
-
-
 def image(w=64, h=64, seed=0, batch=1):
     I_ = [make_test_image(w, h, seed=seed + b) for b in range(batch)]
     return torch.from_numpy(np.stack([np.asarray(i, dtype=np.float32) / 255 for i in I_]))
