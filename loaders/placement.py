@@ -23,6 +23,9 @@ SAFETY = 0.95
 # Group offload keeps one transformer block (~0.7 GB bf16) plus the next in flight on the device.
 GROUP_RESIDENT = int(1.5 * GiB)
 
+# Qwen-Image-Edit-2511's components in bf16, from the published checkpoint (the model card's sizes).
+REAL_2511_BF16_BYTES: dict[str, int] = {"transformer": int(40.9e9), "text_encoder": int(16.6e9), "vae": int(0.25e9)}
+
 QUANTIZATIONS = ("none", "nf4", "8bit")
 OFFLOADS = ("none", "model", "group", "sequential")
 

@@ -6,13 +6,16 @@ import importlib
 
 import pytest
 
-GB = 10**9
-REAL_BF16 = {"transformer": int(40.9 * GB), "text_encoder": int(16.6 * GB), "vae": int(0.25 * GB)}
 
 
 @pytest.fixture
 def P(pack):
     return importlib.import_module(f"{pack.__name__}.loaders.placement")
+
+
+@pytest.fixture
+def REAL_BF16(P):
+    return P.REAL_2511_BF16_BYTES
 
 
 @pytest.mark.parametrize(
@@ -27,7 +30,7 @@ def P(pack):
         (4, ("nf4", "sequential")),
     ],
 )
-def test_auto_by_gpu_size(P, card_gib, expected):
+def test_auto_by_gpu_size(P, REAL_BF16, card_gib, expected):
     free = int((card_gib - 0.6) * P.GiB)  # what a card shows free with a CUDA context open
     plan = P.plan_placement(REAL_BF16, free, "cuda")
     assert (plan.quantization, plan.offload) == expected
@@ -35,38 +38,38 @@ def test_auto_by_gpu_size(P, card_gib, expected):
     assert "free" in plan.reason
 
 
-def test_fixed_quantization_only_searches_offload(P):
+def test_fixed_quantization_only_searches_offload(P, REAL_BF16):
     plan = P.plan_placement(REAL_BF16, 23 * P.GiB, "cuda", quantization="none")
     assert (plan.quantization, plan.offload) == ("none", "group")
 
 
-def test_fixed_offload_only_searches_quantization(P):
+def test_fixed_offload_only_searches_quantization(P, REAL_BF16):
     plan = P.plan_placement(REAL_BF16, 23 * P.GiB, "cuda", offload="model")
     assert (plan.quantization, plan.offload) == ("nf4", "model")
 
 
-def test_without_bitsandbytes_auto_never_quantizes(P):
+def test_without_bitsandbytes_auto_never_quantizes(P, REAL_BF16):
     plan = P.plan_placement(REAL_BF16, 23 * P.GiB, "cuda", can_quantize=False)
     assert plan.quantization == "none" and plan.offload == "group"
 
 
-def test_nothing_fits_says_so(P):
+def test_nothing_fits_says_so(P, REAL_BF16):
     plan = P.plan_placement(REAL_BF16, 1 * P.GiB, "cuda", quantization="none", offload="none")
     assert "nothing fits" in plan.reason and "smaller size" in plan.reason
 
 
-def test_cpu_and_mps_never_offload_or_quantize(P):
+def test_cpu_and_mps_never_offload_or_quantize(P, REAL_BF16):
     for device in ("cpu", "mps"):
         plan = P.plan_placement(REAL_BF16, 64 * P.GiB, device)
         assert (plan.quantization, plan.offload) == ("none", "none")
 
 
-def test_quantizing_only_text_encoder_keeps_transformer_size(P):
+def test_quantizing_only_text_encoder_keeps_transformer_size(P, REAL_BF16):
     sizes = P.component_bytes(REAL_BF16, "nf4", ("text_encoder",))
     assert sizes["transformer"] == REAL_BF16["transformer"]
     assert sizes["text_encoder"] < 0.5 * REAL_BF16["text_encoder"]
 
 
-def test_offload_needs_are_ordered(P):
+def test_offload_needs_are_ordered(P, REAL_BF16):
     needs = [P.device_bytes_needed(REAL_BF16, o) for o in P.OFFLOADS]
     assert needs == sorted(needs, reverse=True)

@@ -22,13 +22,8 @@ from typing import Any
 from ..loaders import placement
 from . import comfy
 
-#: Qwen-Image-Edit-2511's component sizes in bfloat16 (bytes), from its published safetensors
-#: (transformer ~20.4B params, Qwen2.5-VL-7B text encoder, VAE). Used when no model folder is given.
-REAL_2511_BF16_BYTES: dict[str, int] = {
-    "transformer": int(40.9e9),
-    "text_encoder": int(16.6e9),
-    "vae": int(0.25e9),
-}
+#: Qwen-Image-Edit-2511's component sizes in bfloat16 (bytes); one source, shared with the planner.
+REAL_2511_BF16_BYTES = placement.REAL_2511_BF16_BYTES
 REAL_SIZES_SOURCE = "Qwen-Image-Edit-2511 in bfloat16 (published sizes; pass --model to read a local folder)"
 
 #: The oldest diffusers that honours 2511's `zero_cond_t` (older ones drop it with only a warning).
