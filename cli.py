@@ -54,21 +54,22 @@ class CliError(Exception):
 # --------------------------------------------------------------------------------------------------
 
 
-def load_pack() -> types.ModuleType:
-    """Import this folder's ``__init__.py`` as a package (ComfyUI's nodes.load_custom_node does the same)."""
-    existing = sys.modules.get(PACK_NAME)
+def load_pack(name: str = PACK_NAME) -> types.ModuleType:
+    """Import this folder's ``__init__.py`` as package `name`, as ComfyUI's nodes.load_custom_node does.
+
+    The one implementation: the test suite and the benchmarks import the pack through it too.
+    """
+    existing = sys.modules.get(name)
     if existing is not None:
         return existing
-    spec = importlib.util.spec_from_file_location(
-        PACK_NAME, REPO / "__init__.py", submodule_search_locations=[str(REPO)]
-    )
+    spec = importlib.util.spec_from_file_location(name, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_NAME] = module  # before exec: the pack's relative imports look it up here
+    sys.modules[name] = module  # before exec: the pack's relative imports look it up here
     try:
         spec.loader.exec_module(module)
     except BaseException:
-        sys.modules.pop(PACK_NAME, None)
+        sys.modules.pop(name, None)
         raise
     return module
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib.metadata
-import importlib.util
 import json
 import os
 import platform
@@ -22,9 +21,11 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+from cli import PACK_NAME, load_pack  # noqa: E402 - the pack is imported the one way ComfyUI does
 BENCH_DIR = REPO_ROOT / "benchmarks"
 RESULTS_DIR = BENCH_DIR / "results"
-PACK_NAME = "qwen_edit_pack"
 
 #: Modules the pack must not pull in at import time (ComfyUI start-up stays fast).
 HEAVY_MODULES = ("diffusers", "transformers", "accelerate", "bitsandbytes", "peft", "huggingface_hub")
@@ -45,25 +46,6 @@ def setup() -> None:
         os.environ.setdefault(key, value)
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))  # `tests.tiny_pipeline`, `benchmarks.*`
-
-
-def load_pack(name: str = PACK_NAME) -> types.ModuleType:
-    """Import the repository's ``__init__.py`` as a package, as ComfyUI imports a custom node folder."""
-    existing = sys.modules.get(name)
-    if existing is not None:
-        return existing
-    spec = importlib.util.spec_from_file_location(
-        name, REPO_ROOT / "__init__.py", submodule_search_locations=[str(REPO_ROOT)]
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(name, None)
-        raise
-    return module
 
 
 def pack_module(relative: str) -> types.ModuleType:

@@ -23,18 +23,17 @@ model's own scheduler object is put back.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
 import re
-import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 from ..utils import comfy
+from .weights import ModelFolderError, read_safetensors_header
 
 log = logging.getLogger("qwen_image_edit")
 
@@ -165,15 +164,8 @@ def resolve_lora_path(name: str) -> Path:
 def read_header(path: Path) -> dict[str, Any]:
     """The JSON header of a safetensors file (tensor names, dtypes, shapes), without reading tensors."""
     try:
-        with open(path, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            if size > 100 * 2**20:
-                raise ValueError(f"header of {size} bytes")
-            header = json.loads(f.read(size))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-        return header
-    except (OSError, ValueError, struct.error) as exc:
+        return read_safetensors_header(path)
+    except (OSError, ModelFolderError) as exc:
         raise LoraError(f"{path.name} is not a valid safetensors file ({exc}). Re-download it.") from None
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 REQUIRED_COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer", "processor", "scheduler")
@@ -32,7 +32,6 @@ class ComponentInfo:
     path: Path
     weight_bytes: int = 0
     params: int = 0
-    stored_dtypes: set[str] = field(default_factory=set)
     pre_quantized: str | None = None
 
 
@@ -65,6 +64,8 @@ def read_safetensors_header(path: Path) -> dict:
             header = json.loads(f.read(header_len))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise ModelFolderError(f"{path} has a corrupt safetensors header. Download it again.") from None
+    if not isinstance(header, dict):
+        raise ModelFolderError(f"{path} has a corrupt safetensors header. Download it again.")
     end = 0
     for key, meta in header.items():
         if key == "__metadata__":
@@ -113,7 +114,6 @@ def _component_info(name: str, path: Path) -> ComponentInfo:
                 count *= int(dim)
             info.params += count
             info.weight_bytes += count * _DTYPE_BYTES.get(meta["dtype"], 2)
-            info.stored_dtypes.add(meta["dtype"])
     config = path / "config.json"
     if config.is_file():
         try:

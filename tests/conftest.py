@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import atexit
 import importlib
-import importlib.util
 import os
 import shutil
 import socket
@@ -32,14 +31,15 @@ from typing import Any
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PACK_NAME = "qwen_edit_pack"
 
 # --------------------------------------------------------------------------------------------------
 # Import-time environment: must run before huggingface_hub / transformers / diffusers are imported.
 # --------------------------------------------------------------------------------------------------
 
 if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # makes `tests.tiny_pipeline` importable
+    sys.path.insert(0, str(REPO_ROOT))  # makes `tests.tiny_pipeline` and `cli` importable
+
+from cli import load_pack  # noqa: E402 - the pack is imported the way ComfyUI does, in one place
 
 _HF_HOME = tempfile.mkdtemp(prefix="qwen-edit-tests-hf-home-")
 atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
@@ -118,30 +118,6 @@ def _block_network() -> Iterator[None]:
 # --------------------------------------------------------------------------------------------------
 # The pack as a package
 # --------------------------------------------------------------------------------------------------
-
-
-def load_pack() -> types.ModuleType:
-    """Import the repository root as the package ``qwen_edit_pack`` (cached in ``sys.modules``).
-
-    Mirrors ComfyUI, which loads ``custom_nodes/<folder>/__init__.py`` as a package so the pack's
-    relative imports resolve; the folder name is arbitrary, so a fixed name is used here.
-    """
-    existing = sys.modules.get(PACK_NAME)
-    if existing is not None:
-        return existing
-    init = REPO_ROOT / "__init__.py"
-    if not init.is_file():
-        pytest.fail(f"the pack has no {init}; nothing to import as {PACK_NAME!r}", pytrace=False)
-    spec = importlib.util.spec_from_file_location(PACK_NAME, init, submodule_search_locations=[str(REPO_ROOT)])
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[PACK_NAME] = module  # before exec: relative imports look the parent up here
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        sys.modules.pop(PACK_NAME, None)
-        raise
-    return module
 
 
 @pytest.fixture(scope="session")

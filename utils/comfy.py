@@ -171,13 +171,6 @@ def request_cancel() -> None:
     _cancel.set()
 
 
-def interrupt_exception_types() -> tuple[type[BaseException], ...]:
-    mods = _comfy_modules()
-    if mods is not None:
-        return (mods[0].InterruptProcessingException, Cancelled)
-    return (Cancelled,)
-
-
 def throw_if_interrupted() -> None:
     """Raise ComfyUI's InterruptProcessingException (or `Cancelled`) when a cancel is pending."""
     mods = _comfy_modules()
