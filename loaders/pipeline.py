@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..utils import comfy
+from . import from_files
 from .placement import Placement, plan_placement
 from .weights import ModelFolder, ModelFolderError, inspect_model_folder
 
@@ -49,6 +50,13 @@ class LoadSettings:
     quantize: str = "transformer+text_encoder"
     device: str = "auto"
     offload: str = "auto"
+    # ComfyUI single files: `model` is then the diffusion model file, these the other two.
+    text_encoder: str = ""
+    vae: str = ""
+
+    @property
+    def from_files(self) -> bool:
+        return bool(self.text_encoder or self.vae)
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -61,6 +69,8 @@ class LoadSettings:
             raise LoadError("No model given: choose a folder under ComfyUI/models/diffusers or a hub id.")
         if self.device.split(":")[0] not in DEVICES:
             raise LoadError(f"device={self.device!r} is not one of {', '.join(DEVICES)} (or cuda:N).")
+        if self.from_files and not (self.text_encoder and self.vae):
+            raise LoadError("Loading ComfyUI files needs all three: a diffusion model, a text encoder and a VAE.")
 
 
 @dataclass(frozen=True)
@@ -154,6 +164,32 @@ def list_models() -> list[str]:
             if name not in names:
                 names.append(name)
     return names + [m for m in HUB_MODELS if m not in names]
+
+
+DIFFUSION_MODEL_FOLDERS = ("diffusion_models", "unet")
+TEXT_ENCODER_FOLDERS = ("text_encoders", "clip")
+VAE_FOLDERS = ("vae",)
+_FILE_FOLDERS = {"transformer": DIFFUSION_MODEL_FOLDERS, "text_encoder": TEXT_ENCODER_FOLDERS, "vae": VAE_FOLDERS}
+
+
+def list_files(role: str) -> list[str]:
+    """Combo values for a ComfyUI model file of `role`: the files of its folders that the pack can load,
+    Qwen-named ones first."""
+    from .comfy_files import SUFFIXES
+
+    names = [n for n in comfy.model_files(*_FILE_FOLDERS[role]) if n.lower().endswith(SUFFIXES[role])]
+    return sorted(names, key=lambda n: "qwen" not in n.lower())
+
+
+def resolve_file(role: str, name: str) -> Path:
+    """A combo value or path to the file; a missing one is refused naming the folder it belongs in."""
+    path = comfy.model_file_path(_FILE_FOLDERS[role], name)
+    if not path.is_file():
+        raise LoadError(
+            f"{role.replace('_', ' ').capitalize()} file not found: {name}. Put it in "
+            f"ComfyUI/models/{_FILE_FOLDERS[role][0]}/ (or give its full path)."
+        )
+    return path
 
 
 def download_command(repo_id: str) -> str:
@@ -254,10 +290,19 @@ def check_quantization_supported(quantization: str, components: tuple[str, ...],
 
 def quantization_config(quantization: str, components: tuple[str, ...], compute_dtype: Any) -> Any:
     """diffusers' PipelineQuantizationConfig for bitsandbytes NF4 or 8-bit on `components`."""
-    if quantization == "none" or not components:
+    mapping = quantization_mapping(quantization, components, compute_dtype)
+    if not mapping:
         return None
-    from diffusers import BitsAndBytesConfig as DiffusersBnb
     from diffusers import PipelineQuantizationConfig
+
+    return PipelineQuantizationConfig(quant_mapping=mapping)
+
+
+def quantization_mapping(quantization: str, components: tuple[str, ...], compute_dtype: Any) -> dict[str, Any]:
+    """Each component's bitsandbytes config (diffusers' for the transformer, transformers' for the text encoder)."""
+    if quantization == "none" or not components:
+        return {}
+    from diffusers import BitsAndBytesConfig as DiffusersBnb
     from transformers import BitsAndBytesConfig as TransformersBnb
 
     if quantization == "nf4":
@@ -270,7 +315,7 @@ def quantization_config(quantization: str, components: tuple[str, ...], compute_
         mapping["transformer"] = DiffusersBnb(**kwargs, llm_int8_skip_modules=["transformer_blocks.0.img_mod"])
     if "text_encoder" in components:
         mapping["text_encoder"] = TransformersBnb(**kwargs)
-    return PipelineQuantizationConfig(quant_mapping=mapping)
+    return mapping
 
 
 def check_zero_cond_t(folder: ModelFolder, transformer: Any = None) -> None:
@@ -286,7 +331,7 @@ def check_zero_cond_t(folder: ModelFolder, transformer: Any = None) -> None:
     honoured = transformer is None or bool(getattr(transformer.config, "zero_cond_t", False))
     if not (supported and honoured):
         raise LoadError(
-            f"{folder.path} is Qwen-Image-Edit-2511 (its transformer sets zero_cond_t), but diffusers "
+            f"{folder.path} is Qwen-Image-Edit-2511 (zero_cond_t), but diffusers "
             f"{diffusers.__version__} ignores that setting and would silently produce wrong edits. Upgrade: "
             "pip install -U 'diffusers>=0.37'"
         )
@@ -376,7 +421,14 @@ def _load(settings: LoadSettings) -> LoadedPipeline:
     device, placement = settings.device, Placement("unplanned", "unplanned", "", 0)
     try:
         device = resolve_device(settings.device)
-        folder = inspect_model_folder(resolve_model_path(settings.model))
+        files = None
+        if settings.from_files:
+            folder, files = from_files.inspect_files(
+                resolve_file("transformer", settings.model), resolve_file("text_encoder", settings.text_encoder),
+                resolve_file("vae", settings.vae))
+            source = from_files.find_config_source("Edit-2511" if folder.zero_cond_t else "Edit-2509")
+        else:
+            folder = inspect_model_folder(resolve_model_path(settings.model))
         if folder.pipeline_class != "QwenImageEditPlusPipeline":
             raise LoadError(
                 f"{folder.path} is a {folder.pipeline_class}; this pack runs QwenImageEditPlusPipeline "
@@ -394,11 +446,16 @@ def _load(settings: LoadSettings) -> LoadedPipeline:
         dtypes: Any = dtype
         if settings.vae_precision not in ("same", settings.precision):
             dtypes = {"default": dtype, "vae": _torch_dtype(settings.vae_precision)}
-        kwargs: dict[str, Any] = {dtype_kwarg(): dtypes, "use_safetensors": True, "local_files_only": True}
-        qconfig = quantization_config(placement.quantization, components, dtype)
-        if qconfig is not None:
-            kwargs["quantization_config"] = qconfig
-        pipe = QwenImageEditPlusPipeline.from_pretrained(str(folder.path), **kwargs)
+        if files is not None:
+            vae_dtype = dtype if settings.vae_precision == "same" else _torch_dtype(settings.vae_precision)
+            pipe = from_files.build_pipeline(files, source, dtype, vae_dtype,
+                                             quantization_mapping(placement.quantization, components, dtype))
+        else:
+            kwargs: dict[str, Any] = {dtype_kwarg(): dtypes, "use_safetensors": True, "local_files_only": True}
+            qconfig = quantization_config(placement.quantization, components, dtype)
+            if qconfig is not None:
+                kwargs["quantization_config"] = qconfig
+            pipe = QwenImageEditPlusPipeline.from_pretrained(str(folder.path), **kwargs)
         check_zero_cond_t(folder, pipe.transformer)
         drop_unused_lm_head(pipe)
         _apply_offload(pipe, placement.offload, device)
@@ -421,5 +478,5 @@ def _load(settings: LoadSettings) -> LoadedPipeline:
 
 __all__ = [
     "LoadError", "LoadSettings", "LoadedPipeline", "PipeHandle", "get_pipeline", "release_pipeline",
-    "current_pipeline", "list_models", "resolve_model_path",
+    "current_pipeline", "list_files", "list_models", "resolve_file", "resolve_model_path",
 ]

@@ -502,3 +502,130 @@ def make_test_image(width: int = 64, height: int = 64, seed: int = 0) -> Image.I
         else:
             draw.ellipse([x0, y0, x0 + w, y0 + h], fill=color)
     return image
+
+
+# --------------------------------------------------------------------------------------------------
+# ComfyUI single files
+# --------------------------------------------------------------------------------------------------
+
+#: Transformer formats :func:`export_comfy_transformer` writes (ComfyUI's own, see loaders/comfy_files.py).
+COMFY_TRANSFORMER_FORMATS = ("bf16", "fp8", "scaled_fp8", "comfy_quant", "gguf_q8_0", "gguf_q4_0")
+_FP8_MAX = 448.0
+
+
+def _linear_weight_keys(model: torch.nn.Module) -> set[str]:
+    return {f"{name}.weight" for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def _fp8_state_dict(state: dict[str, torch.Tensor], linears: set[str], fmt: str) -> dict[str, torch.Tensor]:
+    """ComfyUI's fp8 layouts: plain e4m3fn, legacy scaled fp8 (`scaled_fp8` + `scale_weight`), `comfy_quant`."""
+    import json
+
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in state.items():
+        if key not in linears:
+            out[key] = tensor.to(torch.bfloat16)
+            continue
+        layer = key[: -len(".weight")]
+        if fmt == "fp8":
+            out[key] = tensor.to(torch.float8_e4m3fn)
+            continue
+        scale = (tensor.float().abs().max() / _FP8_MAX).clamp(min=1e-12)
+        out[key] = (tensor.float() / scale).to(torch.float8_e4m3fn)
+        if fmt == "scaled_fp8":
+            out[f"{layer}.scale_weight"] = scale.reshape(())
+        else:
+            out[f"{layer}.weight_scale"] = scale.reshape(())
+            out[f"{layer}.comfy_quant"] = torch.tensor(list(json.dumps({"format": "float8_e4m3fn"}).encode()),
+                                                      dtype=torch.uint8)
+    if fmt == "scaled_fp8":
+        out["scaled_fp8"] = torch.empty(0, dtype=torch.float8_e4m3fn)
+    return out
+
+
+def _write_gguf(path: pathlib.Path, state: dict[str, torch.Tensor], linears: set[str], qtype_name: str) -> None:
+    """A GGUF file as city96's converter writes it: linear weights quantized, the rest float32."""
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[qtype_name]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    writer = gguf.GGUFWriter(str(path), arch="qwen_image")
+    for key, tensor in state.items():
+        data = tensor.float().numpy()
+        if key in linears and data.shape[-1] % block == 0:
+            writer.add_tensor(key, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+        else:
+            writer.add_tensor(key, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def export_comfy_transformer(pipe: QwenImageEditPlusPipeline, path: str | pathlib.Path, fmt: str = "bf16", *,
+                             marker: bool | None = None, prefix: str = "") -> pathlib.Path:
+    """Write the pipeline's transformer as a ComfyUI diffusion-model file in format `fmt`.
+
+    `marker` (default: the transformer's zero_cond_t) adds ComfyUI's `__index_timestep_zero__` Edit-2511
+    key; `prefix` goes before every key (e.g. ``model.diffusion_model.``, as in full checkpoints).
+    """
+    from safetensors.torch import save_file
+
+    path = pathlib.Path(path)
+    model = pipe.transformer
+    marker = bool(model.config.zero_cond_t) if marker is None else marker
+    state = {k: v.detach().to("cpu") for k, v in model.state_dict().items()}
+    linears = _linear_weight_keys(model)
+    if fmt.startswith("gguf_"):
+        if marker:
+            state["__index_timestep_zero__"] = torch.zeros(1)
+        _write_gguf(path, state, linears, fmt.split("_", 1)[1].upper())
+        return path
+    state = _fp8_state_dict(state, linears, fmt) if fmt != "bf16" else {k: v.to(torch.bfloat16) for k, v in state.items()}
+    if marker:
+        state["__index_timestep_zero__"] = torch.tensor([])
+    save_file({prefix + k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def export_comfy_text_encoder(pipe: QwenImageEditPlusPipeline, path: str | pathlib.Path,
+                              fmt: str = "bf16") -> pathlib.Path:
+    """The text encoder as ComfyUI's file: original Qwen2.5-VL key layout, no lm_head; bf16 or fp8_scaled."""
+    from safetensors.torch import save_file
+
+    model = pipe.text_encoder
+    state: dict[str, torch.Tensor] = {}
+    for key, tensor in model.state_dict().items():
+        if key.startswith("lm_head."):
+            continue
+        if key.startswith("model.visual."):
+            key = key[len("model."):]
+        elif key.startswith("model.language_model."):
+            key = "model." + key[len("model.language_model."):]
+        state[key] = tensor.detach().to("cpu")
+    linears = {k.replace("model.visual.", "visual.", 1).replace("model.language_model.", "model.", 1)
+               for k in _linear_weight_keys(model)}
+    state = _fp8_state_dict(state, linears, "scaled_fp8") if fmt == "fp8_scaled" else \
+        {k: v.to(torch.bfloat16) for k, v in state.items()}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return pathlib.Path(path)
+
+
+def export_comfy_vae(pipe: QwenImageEditPlusPipeline, path: str | pathlib.Path, *, to_wan_key: Any) -> pathlib.Path:
+    """The VAE in ComfyUI's WanVAE key layout (bf16); `to_wan_key(key, num_res_blocks)` renames a key."""
+    from safetensors.torch import save_file
+
+    blocks = pipe.vae.config.num_res_blocks
+    state = {to_wan_key(k, blocks): v.detach().to("cpu", torch.bfloat16).contiguous()
+             for k, v in pipe.vae.state_dict().items()}
+    save_file(state, str(path))
+    return pathlib.Path(path)
+
+
+def save_config_folder(diffusers_dir: str | pathlib.Path, path: str | pathlib.Path) -> pathlib.Path:
+    """A copy of a diffusers folder without its weights: what `hf download --exclude "*.safetensors"` gives."""
+    import shutil
+
+    path = pathlib.Path(path)
+    shutil.copytree(diffusers_dir, path, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
+    return path

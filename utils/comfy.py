@@ -137,24 +137,52 @@ def diffusers_model_dirs() -> list[Path]:
         return []
 
 
-def lora_files() -> list[str]:
+def model_files(*folders: str) -> list[str]:
+    """The files ComfyUI lists in its model folders `folders` (e.g. "loras"; "diffusion_models", "unet")."""
     mods = _comfy_modules()
     if mods is None:
         return []
-    try:
-        return list(mods[1].get_filename_list("loras"))
-    except KeyError:
-        return []
+    names: list[str] = []
+    for folder in folders:
+        try:
+            names += [n for n in mods[1].get_filename_list(folder) if n not in names]
+        except KeyError:
+            continue
+    return names
+
+
+def model_file_path(folders: tuple[str, ...], name: str) -> Path:
+    """A combo value to a file: ComfyUI's model folders `folders` first, then a plain path."""
+    mods = _comfy_modules()
+    if mods is not None:
+        for folder in folders:
+            try:
+                full = mods[1].get_full_path(folder, name)
+            except KeyError:
+                continue
+            if full:
+                return Path(full)
+    return Path(name).expanduser()
+
+
+def lora_files() -> list[str]:
+    return model_files("loras")
 
 
 def lora_path(name: str) -> Path:
-    """A LoRA combo value to a file: ComfyUI's loras folders first, then a plain path."""
+    return model_file_path(("loras",), name)
+
+
+def comfy_tokenizer_dir(name: str) -> Path | None:
+    """A tokenizer folder ComfyUI ships (`comfy/text_encoders/<name>/`), or None outside ComfyUI."""
     mods = _comfy_modules()
-    if mods is not None:
-        full = mods[1].get_full_path("loras", name)
-        if full:
-            return Path(full)
-    return Path(name).expanduser()
+    if mods is None:
+        return None
+    module_file = getattr(mods[0], "__file__", None)
+    if not module_file:
+        return None
+    folder = Path(module_file).parent / "text_encoders" / name
+    return folder if (folder / "vocab.json").is_file() else None
 
 
 # -- progress and cancel ---------------------------------------------------------------------------
