@@ -79,5 +79,52 @@ class QwenImageEditLoader:
         return (loader.PipeHandle(settings),)
 
 
-NODE_CLASS_MAPPINGS = {"QwenImageEditLoader": QwenImageEditLoader}
-NODE_DISPLAY_NAME_MAPPINGS = {"QwenImageEditLoader": "Load Qwen-Image-Edit (diffusers)"}
+def _file_input(role: str, tooltip: str) -> tuple[list[str], dict]:
+    files = loader.list_files(role)
+    return (files, {"default": files[0], "tooltip": tooltip} if files else {"tooltip": tooltip})
+
+
+class QwenImageEditFilesLoader:
+    DESCRIPTION = (
+        "Loads Qwen-Image-Edit-2511 (or 2509) from the single files ComfyUI uses: a diffusion model "
+        "(bf16, fp8, scaled fp8 or GGUF), the Qwen2.5-VL text encoder and the Qwen-Image VAE. No diffusers "
+        "folder is needed. The file itself tells 2511 from 2509. fp8 and GGUF stay quantized in memory. "
+        "Shares the one cached pipeline and the settings of the diffusers loader."
+    )
+    CATEGORY = "Qwen-Image-Edit"
+    FUNCTION = "load"
+    RETURN_TYPES = (PIPE_TYPE,)
+    RETURN_NAMES = ("pipe",)
+    OUTPUT_TOOLTIPS = QwenImageEditLoader.OUTPUT_TOOLTIPS
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        settings = dict(QwenImageEditLoader.INPUT_TYPES()["required"])
+        del settings["model"]
+        return {
+            "required": {
+                "diffusion_model": _file_input("transformer", "The diffusion model from models/diffusion_models or "
+                                               "models/unet: qwen_image_edit_2511_bf16 / _fp8mixed, "
+                                               "qwen_image_edit_2509_fp8_e4m3fn, or a GGUF (Q4_K_M, Q8_0 ...)."),
+                "text_encoder": _file_input("text_encoder", "The Qwen2.5-VL-7B text encoder from models/text_encoders: "
+                                            "qwen_2.5_vl_7b_fp8_scaled or qwen_2.5_vl_7b (bf16)."),
+                "vae": _file_input("vae", "The Qwen-Image VAE from models/vae: qwen_image_vae."),
+                **settings,
+            }
+        }
+
+    VALIDATE_INPUTS = QwenImageEditLoader.VALIDATE_INPUTS
+
+    def load(self, diffusion_model: str, text_encoder: str, vae: str, precision: str, vae_precision: str,
+             quantization: str, quantize: str, device: str, offload: str) -> tuple[loader.PipeHandle]:
+        settings = loader.LoadSettings(diffusion_model, precision, vae_precision, quantization, quantize, device,
+                                       offload, text_encoder=text_encoder, vae=vae)
+        loader.get_pipeline(settings)
+        return (loader.PipeHandle(settings),)
+
+
+NODE_CLASS_MAPPINGS = {"QwenImageEditLoader": QwenImageEditLoader, "QwenImageEditFilesLoader": QwenImageEditFilesLoader}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "QwenImageEditLoader": "Load Qwen-Image-Edit (diffusers)",
+    "QwenImageEditFilesLoader": "Load Qwen-Image-Edit (ComfyUI files)",
+}

@@ -47,6 +47,8 @@ def install(models_dir: Path) -> dict[str, types.ModuleType]:
     mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
     mm.unload_all_models = unload_all_models
     mm.get_torch_device = lambda: torch.device("cpu")
+    # ComfyUI ships its Qwen2.5 tokenizer beside this module: comfy/text_encoders/qwen25_tokenizer/.
+    mm.__file__ = str(models_dir.parent / "comfy" / "model_management.py")
     mm.soft_empty_cache = lambda force=False: None
 
     utils = types.ModuleType("comfy.utils")
@@ -71,7 +73,10 @@ def install(models_dir: Path) -> dict[str, types.ModuleType]:
     utils.set_progress_bar_global_hook = set_progress_bar_global_hook
 
     folder_paths = types.ModuleType("folder_paths")
-    folders = {"diffusers": [str(models_dir / "diffusers")], "loras": [str(models_dir / "loras")]}
+    folders = {name: [str(models_dir / name)] for name in ("diffusers", "loras", "diffusion_models", "text_encoders", "vae")}
+    # ComfyUI maps the legacy names to the same folders (folder_paths.map_legacy).
+    folders["unet"] = folders["diffusion_models"]
+    folders["clip"] = folders["text_encoders"]
 
     def get_folder_paths(name: str) -> list[str]:
         return folders[name]
