@@ -23,9 +23,11 @@ Loading, per format, with the libraries' own machinery:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +124,16 @@ def inspect_files(diffusion_model: Path, text_encoder: Path, vae: Path) -> tuple
 # -- loading ---------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _quiet(logger: str) -> Iterator[None]:
+    target = logging.getLogger(logger)
+    level, target.level = target.level, logging.ERROR
+    try:
+        yield
+    finally:
+        target.setLevel(level)
+
+
 def _expected_shapes(model: Any) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
@@ -150,11 +162,13 @@ def load_transformer(file: ComfyFile, source: ConfigSource, dtype: Any, quantiza
     if file.storage.startswith("GGUF"):
         if file.prefix:
             raise ModelFolderError(f"{file.path.name}: GGUF keys with a '{file.prefix}' prefix are not supported.")
-        return QwenImageTransformer2DModel.from_single_file(
-            str(file.path), config=str(source.root), subfolder="transformer", local_files_only=True,
-            quantization_config=GGUFQuantizationConfig(compute_dtype=dtype), dtype=dtype,
-            num_layers=file.num_layers, zero_cond_t=file.zero_cond_t,
-        )
+        # diffusers warns that the 2511 marker key is unused; zero_cond_t below is what it means.
+        with _quiet("diffusers.loaders.single_file_model"):
+            return QwenImageTransformer2DModel.from_single_file(
+                str(file.path), config=str(source.root), subfolder="transformer", local_files_only=True,
+                quantization_config=GGUFQuantizationConfig(compute_dtype=dtype), dtype=dtype,
+                num_layers=file.num_layers, zero_cond_t=file.zero_cond_t,
+            )
     tensors, scales = read_tensors(file, keep_fp8=True)
     if _has_fp8(tensors):
         return _assign_fp8(meta, tensors, scales, dtype, file)

@@ -170,6 +170,7 @@ DIFFUSION_MODEL_FOLDERS = ("diffusion_models", "unet")
 TEXT_ENCODER_FOLDERS = ("text_encoders", "clip")
 VAE_FOLDERS = ("vae",)
 _FILE_FOLDERS = {"transformer": DIFFUSION_MODEL_FOLDERS, "text_encoder": TEXT_ENCODER_FOLDERS, "vae": VAE_FOLDERS}
+_FILE_LABELS = {"transformer": "Diffusion model", "text_encoder": "Text encoder", "vae": "VAE"}
 
 
 def list_files(role: str) -> list[str]:
@@ -185,10 +186,8 @@ def resolve_file(role: str, name: str) -> Path:
     """A combo value or path to the file; a missing one is refused naming the folder it belongs in."""
     path = comfy.model_file_path(_FILE_FOLDERS[role], name)
     if not path.is_file():
-        raise LoadError(
-            f"{role.replace('_', ' ').capitalize()} file not found: {name}. Put it in "
-            f"ComfyUI/models/{_FILE_FOLDERS[role][0]}/ (or give its full path)."
-        )
+        folders = comfy.model_folder_paths(_FILE_FOLDERS[role][0]) or [f"ComfyUI/models/{_FILE_FOLDERS[role][0]}"]
+        raise LoadError(f"{_FILE_LABELS[role]} file not found: {name}. Put it in {folders[0]} (or give its full path).")
     return path
 
 

@@ -629,3 +629,23 @@ def save_config_folder(diffusers_dir: str | pathlib.Path, path: str | pathlib.Pa
     path = pathlib.Path(path)
     shutil.copytree(diffusers_dir, path, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
     return path
+
+
+def save_comfy_tokenizer(path: str | pathlib.Path, tokenizer: Qwen2Tokenizer | None = None) -> pathlib.Path:
+    """The tokenizer as ComfyUI ships Qwen2.5's (comfy/text_encoders/qwen25_tokenizer/): vocab.json,
+    merges.txt and tokenizer_config.json, no tokenizer.json."""
+    import json
+    import tempfile
+
+    tokenizer = tokenizer if tokenizer is not None else build_tiny_tokenizer()
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer.save_pretrained(scratch)
+        model = json.loads((pathlib.Path(scratch) / "tokenizer.json").read_text())["model"]
+        config = (pathlib.Path(scratch) / "tokenizer_config.json").read_text()
+    (path / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False))
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    (path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    (path / "tokenizer_config.json").write_text(config)
+    return path

@@ -126,15 +126,19 @@ def on_comfy_free(release: Callable[[], None]) -> None:
     mm.unload_all_models = unload_all_models
 
 
-def diffusers_model_dirs() -> list[Path]:
-    """The folders ComfyUI searches for diffusers models (extra_model_paths.yaml included)."""
+def model_folder_paths(folder: str) -> list[Path]:
+    """The folders ComfyUI searches for `folder` models (extra_model_paths.yaml included); [] outside ComfyUI."""
     mods = _comfy_modules()
     if mods is None:
         return []
     try:
-        return [Path(p) for p in mods[1].get_folder_paths("diffusers")]
+        return [Path(p) for p in mods[1].get_folder_paths(folder)]
     except KeyError:
         return []
+
+
+def diffusers_model_dirs() -> list[Path]:
+    return model_folder_paths("diffusers")
 
 
 def model_files(*folders: str) -> list[str]:
