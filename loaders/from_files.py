@@ -229,20 +229,24 @@ FP8_HOOK = "qwen_fp8_linear"
 def fp8_linear_hook() -> type:
     """A diffusers hook class: the layer keeps its fp8 weight and computes with `weight.to(dtype) * scale`.
 
-    `new_forward` never writes to the module, so an exception mid-forward leaves nothing half-changed,
-    and offload hooks that move `weight` between devices move the fp8 tensor. (A function, so that
-    importing the pack does not import diffusers.)
+    The weight is held as a uint8 view of the fp8 bytes: PEFT then leaves a LoRA on the layer in full
+    precision (it gives adapters the base weight's dtype when that is a float), and no dtype cast of
+    the model (`.to(bfloat16)`) can silently dequantize it without the scale. `new_forward` never
+    writes to the module, so an exception mid-forward leaves nothing half-changed, and offload hooks
+    that move `weight` between devices move the fp8 bytes. (A function, so importing the pack does
+    not import diffusers.)
     """
     import torch.nn.functional as F
     from diffusers.hooks import ModelHook
 
     class Fp8Linear(ModelHook):
-        def __init__(self, compute_dtype: Any) -> None:
+        def __init__(self, storage_dtype: Any, compute_dtype: Any) -> None:
             super().__init__()
+            self.storage_dtype = storage_dtype
             self.compute_dtype = compute_dtype
 
         def new_forward(self, module: Any, x: Any, *args: Any, **kwargs: Any) -> Any:
-            weight = module.weight.to(self.compute_dtype)
+            weight = module.weight.view(self.storage_dtype).to(self.compute_dtype)
             scale = getattr(module, "comfy_weight_scale", None)
             if scale is not None:
                 weight = weight * scale.to(weight.device, self.compute_dtype)
@@ -252,8 +256,15 @@ def fp8_linear_hook() -> type:
     return Fp8Linear
 
 
+def fp8_storage(module: Any) -> Any:
+    """The fp8 dtype a linear layer's weight is kept in, or None."""
+    registry = getattr(module, "_diffusers_hook", None)
+    hook = registry.get_hook(FP8_HOOK) if registry is not None else None
+    return None if hook is None else hook.storage_dtype
+
+
 def _assign_fp8(meta: Any, tensors: dict[str, Any], scales: dict[str, Any], dtype: Any, file: ComfyFile) -> Any:
-    """Fill a meta-device model with the file's tensors, keeping fp8 linear weights fp8 (see `Fp8Linear`)."""
+    """Fill a meta-device model with the file's tensors, keeping fp8 linear weights fp8 (see `fp8_linear_hook`)."""
     import torch
     from diffusers.hooks import HookRegistry
 
@@ -261,23 +272,24 @@ def _assign_fp8(meta: Any, tensors: dict[str, Any], scales: dict[str, Any], dtyp
     for name, module in meta.named_modules():
         weight = tensors.get(f"{name}.weight")
         if isinstance(module, torch.nn.Linear) and weight is not None and str(weight.dtype).endswith(_FP8_DTYPES):
-            fp8_layers[name] = module
+            fp8_layers[name] = (module, weight.dtype)
+            tensors[f"{name}.weight"] = weight.view(torch.uint8)
     for key, tensor in tensors.items():
-        layer = key.rsplit(".", 1)[0]
-        if layer in fp8_layers and key.endswith(".weight"):
-            continue
         if tensor.is_floating_point():
+            layer = key.rsplit(".", 1)[0]
             # A scaled fp8 weight outside a linear layer (rare: a conv) is dequantized here.
             tensors[key] = (tensor.to(torch.float32) * scales.get(layer, 1.0)).to(dtype) \
                 if str(tensor.dtype).endswith(_FP8_DTYPES) else tensor.to(dtype)
     missing = [k for k in meta.state_dict() if k not in tensors]
     if missing:
         raise ModelFolderError(f"{file.path.name} lacks {len(missing)} weight(s), e.g. {missing[0]}. Download it again.")
+    meta.requires_grad_(False)
     meta.load_state_dict({k: tensors[k] for k in meta.state_dict()}, strict=True, assign=True)
-    for name, module in fp8_layers.items():
+    hook = fp8_linear_hook()
+    for name, (module, storage) in fp8_layers.items():
         if name in scales:
             module.register_buffer("comfy_weight_scale", scales[name].to(torch.float32))
-        HookRegistry.check_if_exists_or_initialize(module).register_hook(fp8_linear_hook()(dtype), FP8_HOOK)
+        HookRegistry.check_if_exists_or_initialize(module).register_hook(hook(storage, dtype), FP8_HOOK)
     log.info("Qwen-Image-Edit: %s stays %s in memory (%d layers), computing in %s",
              file.path.name, file.storage, len(fp8_layers), str(dtype).removeprefix("torch."))
     return meta.eval()

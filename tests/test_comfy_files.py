@@ -21,6 +21,7 @@ torch = pytest.importorskip("torch")
 np = pytest.importorskip("numpy")
 
 from tests import tiny_pipeline as tp  # noqa: E402
+from tests.test_lora import loras  # noqa: E402,F401 - the LoRA files fixture
 
 #: Lowest PSNR (dB) against the bf16 diffusers folder, per transformer format, measured ~47-54 dB on the
 #: tiny kit (random weights amplify quantization noise more than a trained model would).
@@ -117,6 +118,7 @@ def test_a_prefixed_file_loads_like_the_plain_one(pack, files_env, folder_refere
 
 @pytest.mark.parametrize("fmt", [f for f in tp.COMFY_TRANSFORMER_FORMATS if f != "bf16"])
 def test_quantized_transformers_stay_close_and_stay_quantized(pack, files_env, folder_reference, fmt) -> None:
+    from_files = _mod(pack, "loaders.from_files")
     handle = _load_files(pack, f"tiny_2511_{fmt}{SUFFIX[fmt]}")
     transformer = _mod(pack, "loaders.pipeline").current_pipeline().pipe.transformer
     weight = transformer.transformer_blocks[0].attn.to_q.weight
@@ -125,7 +127,8 @@ def test_quantized_transformers_stay_close_and_stay_quantized(pack, files_env, f
 
         assert isinstance(weight, GGUFParameter) and weight.quant_type.name == fmt.split("_", 1)[1].upper()
     else:
-        assert weight.dtype == torch.float8_e4m3fn
+        assert from_files.fp8_storage(transformer.transformer_blocks[0].attn.to_q) == torch.float8_e4m3fn
+        assert weight.element_size() == 1
         has_scale = hasattr(transformer.transformer_blocks[0].attn.to_q, "comfy_weight_scale")
         assert has_scale == (fmt != "fp8")
     out = _edit(pack, handle)
@@ -137,7 +140,9 @@ def test_fp8_scaled_text_encoder_stays_fp8_and_close(pack, files_env, folder_ref
     handle = _load_files(pack, "tiny_2511_bf16.safetensors", text_encoder="tiny_te_fp8_scaled.safetensors")
     encoder = _mod(pack, "loaders.pipeline").current_pipeline().pipe.text_encoder
     layer = encoder.model.language_model.layers[0].mlp.up_proj
-    assert layer.weight.dtype == torch.float8_e4m3fn and layer.comfy_weight_scale.dtype == torch.float32
+    assert _mod(pack, "loaders.from_files").fp8_storage(layer) == torch.float8_e4m3fn
+    assert layer.weight.element_size() == 1 and layer.comfy_weight_scale.dtype == torch.float32
+    assert encoder.dtype == torch.bfloat16
     assert _psnr(_edit(pack, handle), folder_reference) >= 40.0
 
 
@@ -207,7 +212,7 @@ def test_nf4_is_not_stacked_on_quantized_files(pack, files_env) -> None:
                 quantization="nf4", quantize="text_encoder")
     encoder = loader.current_pipeline().pipe.text_encoder
     assert any("4bit" in type(m).__name__ for m in encoder.modules())
-    assert loader.current_pipeline().pipe.transformer.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+    assert loader.current_pipeline().pipe.transformer.transformer_blocks[0].attn.to_q.weight.element_size() == 1
 
 
 # -- refusals --------------------------------------------------------------------------------------
@@ -348,3 +353,18 @@ def test_the_exported_files_are_shaped_like_comfyuis(exported) -> None:
 def test_exported_folder_has_no_weights(exported) -> None:
     folder = exported / "diffusers" / "Qwen-Image-Edit-2511"
     assert not list(folder.rglob("*.safetensors")) and (folder / "model_index.json").is_file()
+
+
+@pytest.mark.parametrize("fmt", ["scaled_fp8", "gguf_q8_0"])
+def test_a_lora_applies_to_quantized_files_and_comes_off_cleanly(pack, files_env, loras, fmt) -> None:
+    """LoRAs work on fp8 and GGUF transformers (PEFT wraps the hooked / GGUF linear layers)."""
+    from tests.test_sampler import edit, image
+
+    lora_node = pack.NODE_CLASS_MAPPINGS["QwenImageEditLoRA"]()
+    sampler = pack.NODE_CLASS_MAPPINGS["QwenImageEditSampler"]()
+    handle = _load_files(pack, f"tiny_2511_{fmt}{SUFFIX[fmt]}")
+    base = edit(sampler, handle, image(), steps=2)
+    with_lora = lora_node.apply(handle, str(loras["a"]), 1.0, "auto")[0]
+    styled = edit(sampler, with_lora, image(), steps=2)
+    assert torch.isfinite(styled).all() and not torch.equal(styled, base)
+    assert torch.equal(edit(sampler, handle, image(), steps=2), base)
