@@ -436,6 +436,10 @@ def _load(settings: LoadSettings) -> LoadedPipeline:
         check_zero_cond_t(folder)
         placement = _plan(settings, folder, device)
         components = tuple(c for c in quantized_components(settings) if not folder.components[c].pre_quantized)
+        if placement.quantization != "none":
+            for name in set(quantized_components(settings)) - set(components):
+                log.info("Qwen-Image-Edit: %s is already %s; %s is not applied on top", name,
+                         folder.components[name].pre_quantized, placement.quantization)
         check_quantization_supported(placement.quantization, components, device)
         log.info("Qwen-Image-Edit: loading %s on %s: %s", folder.path, device, placement.reason)
 
