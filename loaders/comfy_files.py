@@ -64,8 +64,8 @@ _LOOKS_LIKE: tuple[tuple[str, str], ...] = (
 # The key each role must have (after its prefix), and the refusal when it is missing.
 _REQUIRED = {
     "transformer": ("txt_norm.weight", "a Qwen-Image-Edit diffusion model (diffusion_models/ or unet/)"),
-    "text_encoder": ("visual.merger.ln_q.weight", "the Qwen2.5-VL-7B text encoder with its vision tower "
-                     "(text_encoders/qwen_2.5_vl_7b*.safetensors)"),
+    "text_encoder": ("visual.merger.ln_q.weight", ("the Qwen2.5-VL-7B text encoder with its vision tower "
+                                                   "(text_encoders/qwen_2.5_vl_7b*.safetensors)")),
     "vae": ("decoder.middle.0.residual.0.gamma", "the Qwen-Image VAE (vae/qwen_image_vae.safetensors)"),
 }
 
@@ -284,9 +284,8 @@ def read_tensors(file: ComfyFile, keep_fp8: bool) -> tuple[dict[str, Any], dict[
                     break
             else:
                 tensors[name] = tensor
-    for layer, scale in scales.items():
-        weight = tensors.get(f"{layer}.weight")
-        if weight is None:
+    for layer in scales:
+        if f"{layer}.weight" not in tensors:
             raise ModelFolderError(f"{file.path.name} has a scale for {layer} but no weight. Download it again.")
     if not keep_fp8:
         for name, tensor in tensors.items():
