@@ -246,12 +246,18 @@ def read_lora(pipe: Any, spec: LoraSpec) -> tuple[dict[str, Any], dict | None]:
         # silently because it keeps only "transformer."-prefixed ones. Add the prefix; check_matches below
         # still refuses the file unless every name is a layer of this transformer.
         state_dict = {_PREFIX + k: v for k, v in state_dict.items()}
-    check_matches(state_dict, modules, spec.name)
+    file_keys = [k for k in read_header(Path(spec.path)) if k != "__metadata__"]
+    check_matches(state_dict, modules, spec.name, file_keys)
     return state_dict, metadata
 
 
-def check_matches(state_dict: dict[str, Any], modules: dict[str, Any], file_name: str) -> None:
-    """Refuse a LoRA with any weight for a layer the transformer lacks, or of the wrong shape."""
+def check_matches(state_dict: dict[str, Any], modules: dict[str, Any], file_name: str,
+                  file_keys: list[str] | None = None) -> None:
+    """Refuse a LoRA with any weight for a layer the transformer lacks, or of the wrong shape.
+
+    `file_keys` (the file's own names) are what a refusal cites when diffusers' conversion renamed them:
+    a converter for another model's names can turn them into nonsense.
+    """
     unknown: list[str] = []
     misfit: list[str] = []
     for key, value in state_dict.items():
@@ -261,7 +267,8 @@ def check_matches(state_dict: dict[str, Any], modules: dict[str, Any], file_name
             unknown.append(key)
             continue
         shape = tuple(getattr(value, "shape", ()))
-        if len(shape) != 2:
+        if match["part"] in ("lora_A", "lora_down", "lora_B", "lora_up") and len(shape) != 2:
+            misfit.append(f"{match['module']} gets a {len(shape)}-D weight {list(shape)} where a LoRA has a matrix")
             continue
         if match["part"] in ("lora_A", "lora_down"):
             expected, got, what = getattr(module, "in_features", None), shape[1], "inputs"
@@ -272,7 +279,10 @@ def check_matches(state_dict: dict[str, Any], modules: dict[str, Any], file_name
         if expected is not None and expected != got:
             misfit.append(f"{match['module']} has {expected} {what}, the LoRA {got}")
     if unknown:
-        examples = ", ".join(k.removeprefix(_PREFIX) for k in unknown[:3])
+        cited = [k.removeprefix(_PREFIX) for k in unknown]
+        if file_keys and not any(c in k for c in cited[:3] for k in file_keys):
+            cited = file_keys
+        examples = ", ".join(cited[:3])
         raise LoraError(
             f"{file_name} is not a Qwen-Image LoRA: {len(unknown)} of its {len(state_dict)} weights are for layers "
             f"the Qwen-Image transformer does not have (e.g. {examples}). It is probably for another model; "

@@ -8,6 +8,7 @@ pipeline itself, so ComfyUI's node-output cache cannot keep a released pipeline 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import threading
@@ -15,7 +16,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from ..utils import comfy
 from . import from_files
@@ -23,6 +24,7 @@ from .placement import Placement, plan_placement
 from .weights import ModelFolder, ModelFolderError, inspect_model_folder
 
 log = logging.getLogger("qwen_image_edit")
+T = TypeVar("T")
 
 HUB_MODELS = ("Qwen/Qwen-Image-Edit-2511", "Qwen/Qwen-Image-Edit-2509")
 PRECISIONS = ("bfloat16", "float16", "float32")
@@ -67,10 +69,21 @@ class LoadSettings:
                 raise LoadError(f"{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}.")
         if not self.model or not str(self.model).strip():
             raise LoadError("No model given: choose a folder under ComfyUI/models/diffusers or a hub id.")
-        if self.device.split(":")[0] not in DEVICES:
-            raise LoadError(f"device={self.device!r} is not one of {', '.join(DEVICES)} (or cuda:N).")
+        problem = device_problem(self.device)
+        if problem:
+            raise LoadError(problem)
         if self.from_files and not (self.text_encoder and self.vae):
             raise LoadError("Loading ComfyUI files needs all three: a diffusion model, a text encoder and a VAE.")
+
+
+def device_problem(device: Any) -> str | None:
+    """Why `device` is not a device setting ('auto', 'cpu', 'mps', 'cuda', 'xpu', or 'cuda:N' / 'xpu:N'), or None."""
+    if not isinstance(device, str):
+        return f"device must be a string such as 'auto', 'cpu' or 'cuda:0', not {device!r}."
+    kind, colon, index = device.partition(":")
+    if kind in DEVICES and (not colon or (kind in ("cuda", "xpu") and index.isdigit())):
+        return None
+    return f"device must be one of {', '.join(DEVICES)}, or cuda:N / xpu:N for one GPU of several, not {device!r}."
 
 
 @dataclass(frozen=True)
@@ -95,6 +108,7 @@ class LoadedPipeline:
     placement: Placement
     load_seconds: float
     state: dict = field(default_factory=dict)
+    edits_done: int = 0
 
     @property
     def is_2511(self) -> bool:
@@ -119,10 +133,51 @@ def get_pipeline(settings: LoadSettings) -> LoadedPipeline:
     with _lock:
         if _loaded is not None and _loaded.settings == settings:
             return _loaded
+        _warn_if_alternating(settings)
         release_pipeline()
         comfy.unload_comfy_models()
         _loaded = _load(settings)
         return _loaded
+
+
+_recent_loads: list[LoadSettings] = []
+
+
+def _warn_if_alternating(settings: LoadSettings) -> None:
+    """Two loader nodes with different settings in one workflow reload the model twice per run: say so."""
+    _recent_loads.append(settings)
+    del _recent_loads[:-3]
+    if len(_recent_loads) == 3 and _recent_loads[0] == settings and _recent_loads[1] != settings:
+        other = _recent_loads[1]
+        differ = ", ".join(f"{f.name} {getattr(settings, f.name)!r} vs {getattr(other, f.name)!r}"
+                           for f in dataclasses.fields(LoadSettings) if getattr(settings, f.name) != getattr(other, f.name))
+        log.warning("Qwen-Image-Edit: two loaders with different settings take turns (%s), so the model is loaded "
+                    "again for each. Use one loader node, or give both the same settings.", differ)
+
+
+def run_on(loaded: LoadedPipeline, run: Callable[[], T]) -> T:
+    """Run one edit on `loaded`. A pipeline whose first edit fails for a reason of its own (a kernel that
+    cannot run these settings, say) is released, so the next run loads afresh instead of failing the same
+    way; bad input (EditError) and a cancel leave it cached."""
+    try:
+        result = run()
+    except BaseException as exc:
+        if loaded.edits_done == 0 and not _is_input_or_cancel(exc):
+            log.warning("Qwen-Image-Edit: the first edit with these settings failed (%s); unloading the pipeline so "
+                        "the next run starts clean.", type(exc).__name__)
+            traceback.clear_frames(exc.__traceback__)
+            if _loaded is loaded:
+                release_pipeline()
+        raise
+    loaded.edits_done += 1
+    return result
+
+
+def _is_input_or_cancel(exc: BaseException) -> bool:
+    from ..utils.sampling import EditError
+
+    return isinstance(exc, (EditError, comfy.Cancelled, KeyboardInterrupt)) or type(exc).__name__ == \
+        "InterruptProcessingException"
 
 
 def release_pipeline() -> bool:
@@ -287,6 +342,20 @@ def check_quantization_supported(quantization: str, components: tuple[str, ...],
         )
 
 
+BITSANDBYTES_FORMATS = ("nf4", "fp4", "8bit", "bitsandbytes")
+
+
+def check_prequantized_supported(folder: ModelFolder, device: str) -> None:
+    """diffusers loads a bitsandbytes-quantized transformer only on a CUDA GPU: say so before reading it."""
+    info = folder.components.get("transformer")
+    if info is not None and info.pre_quantized in BITSANDBYTES_FORMATS and device.split(":")[0] != "cuda":
+        raise LoadError(
+            f"{folder.path} holds a transformer already quantized with bitsandbytes ({info.pre_quantized}), which "
+            f"diffusers loads only on an NVIDIA GPU, and this run is on {device}. Use the bf16 release of the model "
+            "(or a GGUF / fp8 file with the ComfyUI files loader) here."
+        )
+
+
 def quantization_config(quantization: str, components: tuple[str, ...], compute_dtype: Any) -> Any:
     """diffusers' PipelineQuantizationConfig for bitsandbytes NF4 or 8-bit on `components`."""
     mapping = quantization_mapping(quantization, components, compute_dtype)
@@ -313,7 +382,9 @@ def quantization_mapping(quantization: str, components: tuple[str, ...], compute
         # The first block's image modulation is tiny and quality-sensitive; common practice keeps it.
         mapping["transformer"] = DiffusersBnb(**kwargs, llm_int8_skip_modules=["transformer_blocks.0.img_mod"])
     if "text_encoder" in components:
-        mapping["text_encoder"] = TransformersBnb(**kwargs)
+        # Only the language model: bitsandbytes' CPU kernels cannot take the vision tower's widths (its MLP
+        # is 3420 wide), and common practice keeps the small vision tower (0.67B) in full precision anyway.
+        mapping["text_encoder"] = TransformersBnb(**kwargs, llm_int8_skip_modules=["model.visual", "visual", "lm_head"])
     return mapping
 
 
@@ -401,6 +472,22 @@ def drop_unused_lm_head(pipe: Any) -> None:
     encoder.lm_head = torch.nn.Identity()
 
 
+def bridge_vae_dtype(pipe: Any, compute_dtype: Any) -> None:
+    """Let a VAE kept in its own precision (vae_precision) encode and decode in it.
+
+    The pipeline hands `vae.encode` images in the pipeline's dtype and uses the latents it gets back in
+    that dtype; it already casts latents to `vae.dtype` before decoding. So the encoder casts its input
+    to the VAE's dtype, and the latent distribution leaves in the pipeline's dtype.
+    """
+    vae = pipe.vae
+    vae_dtype = vae.dtype
+    if vae_dtype == compute_dtype:
+        return
+    vae.encoder.register_forward_pre_hook(lambda _m, args: tuple(
+        a.to(vae_dtype) if hasattr(a, "is_floating_point") and a.is_floating_point() else a for a in args))
+    vae.quant_conv.register_forward_hook(lambda _m, _args, out: out.to(compute_dtype))
+
+
 def _oom_message(settings: LoadSettings, placement: Placement, device: str) -> str:
     free = comfy.free_device_memory(device)
     free_txt = f"{free / 2**30:.1f} GB free" if free is not None else "free memory unknown"
@@ -434,6 +521,7 @@ def _load(settings: LoadSettings) -> LoadedPipeline:
                 "models (Qwen-Image-Edit-2509 and -2511)."
             )
         check_zero_cond_t(folder)
+        check_prequantized_supported(folder, device)
         placement = _plan(settings, folder, device)
         components = tuple(c for c in quantized_components(settings) if not folder.components[c].pre_quantized)
         if placement.quantization != "none":
@@ -461,6 +549,7 @@ def _load(settings: LoadSettings) -> LoadedPipeline:
             pipe = QwenImageEditPlusPipeline.from_pretrained(str(folder.path), **kwargs)
         check_zero_cond_t(folder, pipe.transformer)
         drop_unused_lm_head(pipe)
+        bridge_vae_dtype(pipe, dtype)
         _apply_offload(pipe, placement.offload, device)
         pipe.set_progress_bar_config(disable=True)
         seconds = time.perf_counter() - start

@@ -24,9 +24,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import os
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
+
+from ..utils import comfy
 
 log = logging.getLogger("qwen_image_edit")
 
@@ -226,6 +229,9 @@ def _apply_compile(loaded: Any, options: SpeedOptions, state: _SpeedState) -> No
         return
     # fullgraph=False: the step-cache and offload hooks wrap block forwards in Python state that dynamo
     # cannot put in one graph; a graph break there is cheap, a hard error is not.
+    cache = comfy.torch_compile_cache_dir()
+    if cache is not None:
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
     transformer.compile_repeated_blocks(fullgraph=False, dynamic=None)
     state.compiled = True
     log.info("Qwen-Image-Edit: compiling the %d transformer blocks on the first edit", len(_compiled_blocks(transformer)))

@@ -13,6 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REQUIRED_COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer", "processor", "scheduler")
+#: The only (library, class) each component of QwenImageEditPlusPipeline may name in model_index.json:
+#: diffusers imports whatever a model folder names, so anything else is refused before it runs.
+ALLOWED_CLASSES: dict[str, tuple[tuple[str, str], ...]] = {
+    "transformer": (("diffusers", "QwenImageTransformer2DModel"),),
+    "text_encoder": (("transformers", "Qwen2_5_VLForConditionalGeneration"),),
+    "vae": (("diffusers", "AutoencoderKLQwenImage"),),
+    "tokenizer": (("transformers", "Qwen2Tokenizer"), ("transformers", "Qwen2TokenizerFast")),
+    "processor": (("transformers", "Qwen2VLProcessor"), ("transformers", "Qwen2_5_VLProcessor")),
+    "scheduler": (("diffusers", "FlowMatchEulerDiscreteScheduler"),),
+}
 WEIGHT_COMPONENTS = ("transformer", "text_encoder", "vae")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -97,9 +107,11 @@ def _component_info(name: str, path: Path) -> ComponentInfo:
     index = next(path.glob("*.safetensors.index.json"), None)
     if index is not None:
         try:
-            wanted = set(json.loads(index.read_text())["weight_map"].values())
-        except (json.JSONDecodeError, KeyError):
-            raise ModelFolderError(f"{index} is corrupt. Download it again.") from None
+            weight_map = json.loads(index.read_text())["weight_map"]
+            wanted = set(weight_map.values())
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+            raise ModelFolderError(f"{index} is corrupt: it needs a 'weight_map' object of weight -> file. "
+                                   "Download it again.") from None
         missing = sorted(wanted - {p.name for p in files})
         if missing:
             raise ModelFolderError(
@@ -109,11 +121,18 @@ def _component_info(name: str, path: Path) -> ComponentInfo:
         for key, meta in read_safetensors_header(file).items():
             if key == "__metadata__":
                 continue
-            count = 1
-            for dim in meta["shape"]:
-                count *= int(dim)
+            try:
+                count = 1
+                for dim in meta["shape"]:
+                    count *= int(dim)
+                size = _DTYPE_BYTES[meta["dtype"]]
+            except (KeyError, TypeError, ValueError):
+                raise ModelFolderError(
+                    f"{file} has a corrupt safetensors header: the entry {key!r} lacks a valid shape or dtype. "
+                    "Download it again."
+                ) from None
             info.params += count
-            info.weight_bytes += count * _DTYPE_BYTES.get(meta["dtype"], 2)
+            info.weight_bytes += count * size
     config = path / "config.json"
     if config.is_file():
         try:
@@ -127,6 +146,21 @@ def _component_info(name: str, path: Path) -> ComponentInfo:
             elif quant.get("load_in_8bit"):
                 info.pre_quantized = "8bit"
     return info
+
+
+def _check_component_classes(index_file: Path, index: dict) -> None:
+    """Every component must name the class this pipeline uses; refuse anything else before diffusers imports it."""
+    for name, value in index.items():
+        if name.startswith("_"):
+            continue
+        allowed = ALLOWED_CLASSES.get(name)
+        if allowed is None or not isinstance(value, list) or tuple(value) not in allowed:
+            expected = " or ".join(f"[{lib!r}, {cls!r}]" for lib, cls in allowed) if allowed else "no such component"
+            raise ModelFolderError(
+                f"{index_file} names {value!r} for '{name}' ({expected} expected). This pack loads only "
+                "Qwen-Image-Edit's own components and never imports a module a model folder names. "
+                "Download the model again from Qwen/Qwen-Image-Edit-2511."
+            )
 
 
 def inspect_model_folder(path: Path) -> ModelFolder:
@@ -144,7 +178,11 @@ def inspect_model_folder(path: Path) -> ModelFolder:
         index = json.loads(index_file.read_text())
     except json.JSONDecodeError:
         raise ModelFolderError(f"{index_file} is corrupt. Download the model again.") from None
+    if not isinstance(index, dict):
+        raise ModelFolderError(f"{index_file} is corrupt: it must be a JSON object. Download the model again.")
     pipeline_class = index.get("_class_name", "")
+    if not isinstance(pipeline_class, str):
+        raise ModelFolderError(f"{index_file} is corrupt: _class_name must be a string. Download the model again.")
     if not pipeline_class.startswith("QwenImageEdit"):
         raise ModelFolderError(
             f"{path} holds a {pipeline_class or 'unknown'} model, not Qwen-Image-Edit. Choose a "
@@ -156,6 +194,8 @@ def inspect_model_folder(path: Path) -> ModelFolder:
             f"{path} is missing the component(s) {', '.join(missing)}. The download is incomplete: "
             "download the whole model again."
         )
+    if pipeline_class == "QwenImageEditPlusPipeline":
+        _check_component_classes(index_file, index)
     components = {name: _component_info(name, path / name) for name in WEIGHT_COMPONENTS}
     zero_cond_t = False
     tconfig = path / "transformer" / "config.json"

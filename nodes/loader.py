@@ -67,10 +67,7 @@ class QwenImageEditLoader:
     @classmethod
     def VALIDATE_INPUTS(cls, device: str) -> bool | str:
         """Only `device` is checked here (it accepts cuda:N); ComfyUI checks every other input itself."""
-        kind, _, index = device.partition(":")
-        if kind in loader.DEVICES and (not index or index.isdigit()):
-            return True
-        return f"device must be one of {', '.join(loader.DEVICES)} or cuda:N, not {device!r}"
+        return loader.device_problem(device) or True
 
     def load(self, model: str, precision: str, vae_precision: str, quantization: str, quantize: str,
              device: str, offload: str) -> tuple[loader.PipeHandle]:

@@ -84,7 +84,12 @@ class QwenImageEditSampler:
         applied = lora.apply_loras(loaded, pipe.loras)
         req = sampling.with_lightning_defaults(req, applied.lightning_steps)
         speed.apply_speed(loaded, getattr(pipe, "speed", None))
-        return (speed.run_with_fallback(loaded, lambda: sampling.run_edit(loaded, req, images)),)
+        names = tuple(spec.name for spec in pipe.loras if spec.strength != 0)
+
+        def run() -> torch.Tensor:
+            return sampling.run_edit(loaded, req, images, lora_names=names)
+
+        return (loader.run_on(loaded, lambda: speed.run_with_fallback(loaded, run)),)
 
 
 NODE_CLASS_MAPPINGS = {"QwenImageEditSampler": QwenImageEditSampler}

@@ -99,6 +99,7 @@ def install(models_dir: Path) -> dict[str, types.ModuleType]:
     folder_paths.get_folder_paths = get_folder_paths
     folder_paths.get_filename_list = get_filename_list
     folder_paths.get_full_path = get_full_path
+    folder_paths.get_temp_directory = lambda: str(models_dir.parent / "temp")
     folder_paths.folder_names_and_paths = folders
 
     comfy.model_management = mm

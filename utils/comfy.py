@@ -177,6 +177,14 @@ def lora_path(name: str) -> Path:
     return model_file_path(("loras",), name)
 
 
+def torch_compile_cache_dir() -> Path | None:
+    """Where torch.compile's cache goes inside ComfyUI (its temp folder), or None to leave torch's default."""
+    mods = _comfy_modules()
+    if mods is None or not hasattr(mods[1], "get_temp_directory"):
+        return None
+    return Path(mods[1].get_temp_directory()) / "torchinductor"
+
+
 def comfy_tokenizer_dir(name: str) -> Path | None:
     """A tokenizer folder ComfyUI ships (`comfy/text_encoders/<name>/`), or None outside ComfyUI."""
     mods = _comfy_modules()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 import traceback
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -25,6 +26,15 @@ log = logging.getLogger("qwen_image_edit")
 SIZE_MODES = ("auto", "match", "custom")
 MAX_MEGAPIXELS = 4.2
 _SEED_MOD = 2**64
+#: Qwen2.5-VL's chat-template and vision tokens: in a prompt they would restructure the template or
+#: make the processor look for images that are not there.
+TEMPLATE_TOKENS = re.compile(r"<\|(?:im_start|im_end|endoftext|vision_start|vision_end|vision_pad|image_pad|video_pad|"
+                             r"object_ref_start|object_ref_end|box_start|box_end|quad_start|quad_end)\|>")
+#: The transformer's RoPE table has 4096 positions; text positions start after the largest image's half-side
+#: (in 16-px patches). Each reference image adds its vision tokens (~190 at the ~384x384 the encoder sees).
+ROPE_POSITIONS = 4096
+VISION_TOKENS_PER_IMAGE = 256
+TEMPLATE_OVERHEAD_TOKENS = 32
 
 
 class EditError(ValueError):
@@ -105,6 +115,13 @@ def validate(req: EditRequest, images: list[torch.Tensor | None]) -> list[torch.
         raise EditError(f"size_mode must be one of {', '.join(SIZE_MODES)}, not {req.size_mode!r}.")
     if not isinstance(req.prompt, str) or not req.prompt.strip():
         raise EditError("The prompt is empty. Describe the edit, for example: 'Make the sky purple'.")
+    for name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt or "")):
+        found = TEMPLATE_TOKENS.search(text)
+        if found:
+            raise EditError(
+                f"The {name} contains {found.group(0)}, one of the model's chat-template tokens, which would change "
+                "how the prompt is read. Remove it: images go in the image inputs, and the template is added for you."
+            )
     if req.steps < 2:
         # One step with the model's scheduler (shift_terminal) gives a NaN sigma: an all-NaN image.
         raise EditError("steps must be at least 2 (the model card uses 40; Lightning LoRAs 4 or 8).")
@@ -159,6 +176,31 @@ def pipeline_kwargs(req: EditRequest, pil_images: list[Any], width: int, height:
     }
 
 
+def check_prompt_length(tokenizer: Any, req: EditRequest, image_count: int, width: int, height: int) -> None:
+    """Refuse, before the text encoder runs, a prompt longer than the transformer's positions allow."""
+    largest_side = max(width, height, 1024) // 16  # condition images are encoded at ~1024x1024
+    budget = ROPE_POSITIONS - largest_side // 2 - image_count * VISION_TOKENS_PER_IMAGE - TEMPLATE_OVERHEAD_TOKENS
+    for name, text in (("prompt", req.prompt), ("negative_prompt", req.negative_prompt or "")):
+        count = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if count > budget:
+            raise EditError(
+                f"The {name} is {count} tokens; with {image_count} image(s) at {width}x{height} the model takes at "
+                f"most {budget}. Shorten it (edit prompts work best in one or two sentences)."
+            )
+
+
+def nonfinite_message(precision: str, lora_names: tuple[str, ...]) -> str:
+    """What most likely made an edit produce NaN/inf values, and what to do."""
+    causes = []
+    if precision == "float16":
+        causes.append("float16 overflowed inside the model: choose precision 'bfloat16' in the loader")
+    if lora_names:
+        causes.append(f"a broken or incompatible LoRA: try without {', '.join(lora_names)}")
+    causes.append("damaged weights: check the model files (doctor) or download them again")
+    return ("The edit produced NaN/infinite values, which would be saved as a black image, so it was stopped. "
+            "Likely cause: " + "; or ".join(causes) + ".")
+
+
 def _item(images: torch.Tensor, index: int) -> torch.Tensor:
     if images.ndim == 3:
         return images
@@ -185,6 +227,7 @@ def run_edit(
     req: EditRequest,
     images: list[torch.Tensor | None],
     printer: Callable[[int, int], None] | None = None,
+    lora_names: tuple[str, ...] = (),
 ) -> torch.Tensor:
     """Run the edit on a loaded pipeline; returns IMAGE `[B*images_per_prompt, H, W, 3]` float32 on CPU.
 
@@ -204,6 +247,7 @@ def run_edit(
             "against it. For an exact overlay scale it first with 'Qwen-Image-Edit Image Scale' at 1.0 megapixels.",
             first.shape[-2], first.shape[-3], ref_w, ref_h,
         )
+    check_prompt_length(pipe.tokenizer, req, len(present), width, height)
     progress = comfy.Progress(batch * req.steps, printer)
     previewer = comfy.latent_previewer(loaded.device, pipe.vae.config.z_dim)
 
@@ -214,6 +258,8 @@ def run_edit(
         offset = b * req.steps
 
         def on_step(_pipe: Any, i: int, _t: Any, kwargs: dict, offset: int = offset) -> dict:
+            if not torch.isfinite(kwargs["latents"]).all():
+                raise EditError(nonfinite_message(loaded.settings.precision, lora_names))
             preview = None
             if previewer is not None:
                 unpacked = _pipe._unpack_latents(kwargs["latents"], height, width, _pipe.vae_scale_factor)
@@ -233,6 +279,8 @@ def run_edit(
             traceback.clear_frames(exc.__traceback__)
             raise
         result = result.float()
+        if not torch.isfinite(result).all():  # the VAE decode itself can overflow in float16
+            raise EditError(nonfinite_message(loaded.settings.precision, lora_names))
         if exact is not None:
             result = _resize(result, *exact)
         outputs.append(result.permute(0, 2, 3, 1).cpu())
