@@ -421,21 +421,42 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+#: Qwen-Image-Edit as ComfyUI's own single files, by the model folder they sit in: the names ComfyUI
+#: distributes them under (README, "Already have the ComfyUI files?"). The files loader's combos list what
+#: these folders hold, so the fixture below puts (empty) files of these names there.
+COMFYUI_FILES: dict[str, tuple[str, ...]] = {
+    "diffusion_models": ("qwen_image_edit_2511_bf16.safetensors", "qwen_image_edit_2511_fp8mixed.safetensors",
+                         "qwen_image_edit_2509_fp8_e4m3fn.safetensors"),
+    "unet": ("Qwen-Image-Edit-2511-Q4_K_M.gguf",),
+    "text_encoders": ("qwen_2.5_vl_7b_fp8_scaled.safetensors", "qwen_2.5_vl_7b.safetensors"),
+    "vae": ("qwen_image_vae.safetensors",),
+}
+
+
 @pytest.fixture
 def comfy_models(pack: types.ModuleType, comfyui: dict, tmp_path: Path) -> Path:
-    """A ComfyUI (stand-in) whose models/diffusers holds the folders the loader tells users to download.
+    """A ComfyUI (stand-in) whose model folders hold what the README tells users to put there.
 
-    The loader's model combo lists those folders, so the examples' model value is checked against the
-    list a user who followed the loader's own download command sees.
+    models/diffusers gets the folders the diffusers loader's own download command creates; the
+    diffusion_models / unet / text_encoders / vae folders get ComfyUI's single files (`COMFYUI_FILES`,
+    empty: only their names are listed here, never read). The loaders' combos list what is present, so
+    the examples' model and file values are checked against the lists such a user sees. Returns
+    models/diffusers.
     """
     loader = importlib.import_module(f"{pack.__name__}.loaders.pipeline")
-    root = Path(comfyui["folder_paths"].get_folder_paths("diffusers")[0])
+    folder_paths = comfyui["folder_paths"]
+    root = Path(folder_paths.get_folder_paths("diffusers")[0])
     for repo_id in loader.HUB_MODELS:
         target = loader.download_command(repo_id).split("--local-dir", 1)[1].strip()
         assert target.startswith("ComfyUI/models/diffusers/"), target
         folder = root / target.removeprefix("ComfyUI/models/diffusers/")
         folder.mkdir(parents=True)
         (folder / "model_index.json").write_text('{"_class_name": "QwenImageEditPlusPipeline"}')
+    for kind, names in COMFYUI_FILES.items():
+        folder = Path(folder_paths.get_folder_paths(kind)[0])
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in names:
+            (folder / name).touch()
     return root
 
 
@@ -455,7 +476,7 @@ def _ids(path: Path) -> str:
 
 def test_the_examples_exist():
     names = {p.stem for p in UI_FILES}
-    assert len(names) >= 3, f"expected the three example workflows in {WORKFLOWS}, found {sorted(names)}"
+    assert len(names) >= 4, f"expected the four example workflows in {WORKFLOWS}, found {sorted(names)}"
 
 
 @pytest.mark.parametrize("path", UI_FILES, ids=_ids)
@@ -522,7 +543,8 @@ def test_the_three_setups_the_issue_asks_for(pack: types.ModuleType):
     """Single image, two images (Picture 1 / Picture 2), low memory (NF4 + offload), core nodes around."""
     for path in UI_FILES:
         kinds = {n["type"] for n in _load(path)["nodes"]}
-        assert {"LoadImage", "QwenImageEditLoader", "QwenImageEditSampler"} <= kinds, path.name
+        assert {"LoadImage", "QwenImageEditSampler"} <= kinds, path.name
+        assert len(kinds & {"QwenImageEditLoader", "QwenImageEditFilesLoader"}) == 1, path.name
         assert kinds & {"SaveImage", "PreviewImage"}, path.name
 
     [single] = _api_of("qwen_image_edit_2511_single_image", "QwenImageEditSampler")
@@ -536,6 +558,27 @@ def test_the_three_setups_the_issue_asks_for(pack: types.ModuleType):
 
     [low] = _api_of("qwen_image_edit_2511_low_memory_nf4", "QwenImageEditLoader")
     assert low["inputs"]["quantization"] == "nf4" and low["inputs"]["offload"] != "none"
+
+
+FILES = WORKFLOWS / "qwen_image_edit_2511_comfyui_files.json"
+
+
+def test_the_comfyui_files_setup(pack: types.ModuleType):
+    """ComfyUI's fp8 files through the files loader; every other loader setting at the node's default."""
+    [loader] = _api_of(FILES.stem, "QwenImageEditFilesLoader")
+    inputs = loader["inputs"]
+    assert (inputs["diffusion_model"], inputs["text_encoder"], inputs["vae"]) == (
+        "qwen_image_edit_2511_fp8mixed.safetensors", "qwen_2.5_vl_7b_fp8_scaled.safetensors",
+        "qwen_image_vae.safetensors")
+    for name in ("diffusion_model", "text_encoder", "vae"):
+        assert any(inputs[name] in names for names in COMFYUI_FILES.values()), name
+    required = pack.NODE_CLASS_MAPPINGS["QwenImageEditFilesLoader"].INPUT_TYPES()["required"]
+    defaults = {k: v[1]["default"] for k, v in required.items() if k not in ("diffusion_model", "text_encoder", "vae")}
+    assert {k: inputs[k] for k in defaults} == defaults
+    prompt = _load(API_DIR / FILES.name)
+    loader_id = next(k for k, v in prompt.items() if v["class_type"] == "QwenImageEditFilesLoader")
+    [sampler] = _api_of(FILES.stem, "QwenImageEditSampler")
+    assert sampler["inputs"]["pipe"] == [loader_id, 0], "the files loader feeds the sampler directly"
 
 
 def test_examples_use_the_model_card_sampling():
@@ -680,6 +723,17 @@ def test_dropping_a_combo_choice_breaks_the_guard(pack, comfy_models, monkeypatc
     ui_errors, api_errors = _all_errors(LOW, specs)
     assert any("'nf4' is not in" in e for e in ui_errors), ui_errors
     assert any("'nf4' is not in" in e for e in api_errors), api_errors
+
+
+def test_a_model_file_that_is_not_there_breaks_the_guard(pack, comfy_models, comfyui):
+    """The file combos list the files present: without the fp8 diffusion model the example is refused."""
+    assert _all_errors(FILES, node_specs(pack)) == ([], [])
+    folder = Path(comfyui["folder_paths"].get_folder_paths("diffusion_models")[0])
+    (folder / "qwen_image_edit_2511_fp8mixed.safetensors").unlink()
+    ui_errors, api_errors = _all_errors(FILES, node_specs(pack))
+    assert any("diffusion_model: 'qwen_image_edit_2511_fp8mixed.safetensors' is not in" in e for e in ui_errors), \
+        ui_errors
+    assert any("'qwen_image_edit_2511_fp8mixed.safetensors' is not in" in e for e in api_errors), api_errors
 
 
 def test_tightening_a_range_breaks_the_guard(pack, comfy_models, monkeypatch):
