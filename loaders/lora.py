@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..utils import comfy
+from ..utils.errors import QwenEditError
 from .weights import ModelFolderError, read_safetensors_header
 
 log = logging.getLogger("qwen_image_edit")
@@ -67,7 +68,7 @@ _LORA_KEY = re.compile(r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_down|lora
 _PREFIX = "transformer."
 
 
-class LoraError(ValueError):
+class LoraError(QwenEditError, ValueError):
     """A LoRA file cannot be used; the message names the file and says what to do."""
 
 

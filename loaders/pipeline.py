@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from ..utils import comfy
+from ..utils.errors import QwenEditError
 from . import from_files
 from .placement import Placement, plan_placement
 from .weights import ModelFolder, ModelFolderError, inspect_model_folder
@@ -37,7 +38,7 @@ _BYTES_PER_PARAM = {"bfloat16": 2, "float16": 2, "float32": 4}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class LoadError(RuntimeError):
+class LoadError(QwenEditError, RuntimeError):
     """A load failed; the message says what was wrong and what to do. The cache is left empty."""
 
 
@@ -135,7 +136,6 @@ def get_pipeline(settings: LoadSettings) -> LoadedPipeline:
             return _loaded
         _warn_if_alternating(settings)
         release_pipeline()
-        comfy.unload_comfy_models()
         _loaded = _load(settings)
         return _loaded
 
@@ -194,12 +194,39 @@ def release_pipeline() -> bool:
         log.info("Qwen-Image-Edit: released %s", loaded.settings.model)
         del loaded
         comfy.empty_cache()
+        comfy.trim_host_memory()
         return True
 
 
+def release_for_comfy(memory_required: float, device: Any) -> bool:
+    """ComfyUI needs `memory_required` bytes on `device` (a native model load, or "Unload models"):
+    give back our pipeline if it lives there and that much is not free already."""
+    import torch
+
+    loaded = _loaded
+    if loaded is None or torch.device(loaded.device).type != torch.device(device).type:
+        return False
+    free = comfy.free_device_memory(str(device))
+    if free is not None and free >= memory_required:
+        return False
+    return release_pipeline()
+
+
+_smart_memory_noted = False
+
+
+def _note_smart_memory() -> None:
+    global _smart_memory_noted
+    if comfy.smart_memory_disabled() and not _smart_memory_noted:
+        _smart_memory_noted = True
+        log.warning("Qwen-Image-Edit: ComfyUI runs with --disable-smart-memory, which unloads every model after "
+                    "each prompt, so this pipeline is loaded again for every run. Start ComfyUI without that flag "
+                    "to keep it loaded.")
+
+
 def install_comfy_hooks() -> None:
-    """Make ComfyUI's "Unload models" / POST /free release our pipeline too. Idempotent."""
-    comfy.on_comfy_free(release_pipeline)
+    """Let ComfyUI's memory manager (model loads, "Unload models", POST /free) evict our pipeline. Idempotent."""
+    comfy.on_comfy_free_memory(release_for_comfy)
 
 
 install_comfy_hooks()
@@ -530,6 +557,10 @@ def _load(settings: LoadSettings) -> LoadedPipeline:
                          folder.components[name].pre_quantized, placement.quantization)
         check_quantization_supported(placement.quantization, components, device)
         log.info("Qwen-Image-Edit: loading %s on %s: %s", folder.path, device, placement.reason)
+        _note_smart_memory()
+        # Only now, with the source checked: a typo must not unload the user's other models for nothing.
+        comfy.free_comfy_memory(placement.needed_bytes or sum(folder.bytes_at(_BYTES_PER_PARAM[settings.precision], n)
+                                                              for n in folder.components), device)
 
         from diffusers import QwenImageEditPlusPipeline
 

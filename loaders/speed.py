@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 from ..utils import comfy
+from ..utils.errors import QwenEditError
 
 log = logging.getLogger("qwen_image_edit")
 
@@ -52,7 +53,7 @@ COMPILE_MODES = ("off", "regional")
 CACHE_MODES = ("off", "first_block", "taylorseer")
 
 
-class SpeedError(ValueError):
+class SpeedError(QwenEditError, ValueError):
     """A speed option has an invalid value."""
 
 

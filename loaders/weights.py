@@ -12,6 +12,8 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..utils.errors import QwenEditError
+
 REQUIRED_COMPONENTS = ("transformer", "text_encoder", "vae", "tokenizer", "processor", "scheduler")
 #: The only (library, class) each component of QwenImageEditPlusPipeline may name in model_index.json:
 #: diffusers imports whatever a model folder names, so anything else is refused before it runs.
@@ -32,7 +34,7 @@ _DTYPE_BYTES = {
 }
 
 
-class ModelFolderError(ValueError):
+class ModelFolderError(QwenEditError, ValueError):
     """The model folder is missing, incomplete, corrupt or unsafe to load."""
 
 

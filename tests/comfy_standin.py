@@ -2,7 +2,8 @@
 
 ComfyUI is not a pip package, so CI cannot import the real thing. This reproduces, with the same
 names and behaviour as ComfyUI 0.8.0's source, exactly the API `utils/comfy.py` uses:
-`comfy.model_management` (device, interrupt flag and exception, unload_all_models, soft_empty_cache),
+`comfy.model_management` (device, interrupt flag and exception, free_memory / unload_all_models /
+get_free_memory, soft_empty_cache),
 `comfy.utils.ProgressBar` with its global hook, and `folder_paths`. `tests/test_comfyui_real.py`
 runs the same checks against a real ComfyUI checkout when COMFYUI_PATH is set.
 """
@@ -28,7 +29,9 @@ def install(models_dir: Path) -> dict[str, types.ModuleType]:
     mm.InterruptProcessingException = InterruptProcessingException
     mm.interrupt_processing_mutex = threading.RLock()
     mm.interrupt_processing = False
-    mm.unload_calls = 0
+    mm.free_memory_calls = []
+    mm.free_bytes = 64 * 2**30  # what get_free_memory reports; tests lower it to force evictions
+    mm.DISABLE_SMART_MEMORY = False
 
     def interrupt_current_processing(value: bool = True) -> None:
         with mm.interrupt_processing_mutex:
@@ -40,8 +43,17 @@ def install(models_dir: Path) -> dict[str, types.ModuleType]:
                 mm.interrupt_processing = False
                 raise InterruptProcessingException()
 
+    def free_memory(memory_required, device, keep_loaded=[]):  # noqa: B006 - ComfyUI's own signature
+        mm.free_memory_calls.append((memory_required, device))
+        return []
+
     def unload_all_models() -> None:
-        mm.unload_calls += 1
+        # As ComfyUI: a module-global lookup, so a wrapper installed on the module is what runs.
+        mm.free_memory(1e30, mm.get_torch_device())
+
+    mm.free_memory = free_memory
+    mm.get_free_memory = lambda dev=None, torch_free_too=False: (
+        (mm.free_bytes, mm.free_bytes) if torch_free_too else mm.free_bytes)
 
     mm.interrupt_current_processing = interrupt_current_processing
     mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted

@@ -262,3 +262,27 @@ def test_compile_cache_goes_under_comfyuis_temp_folder(pack, comfyui, tmp_path):
     temp = Path(comfyui["folder_paths"].get_temp_directory())
     assert bridge.torch_compile_cache_dir() == temp / "torchinductor"
     assert temp.parent == tmp_path
+
+
+def test_auto_size_is_diffusers_own_for_every_input_size(S):
+    """size_mode 'auto' gives exactly what diffusers' calculate_dimensions gives (issue 11, bug 1)."""
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
+
+    differ = [(w, h) for w in range(256, 2049, 7) for h in range(256, 2049, 7)
+              if S.auto_size(w, h) != calculate_dimensions(1024 * 1024, w / h)]
+    assert differ == []
+    assert S.auto_size(64, 86) == calculate_dimensions(1024 * 1024, 64 / 86) == (896, 1184)
+
+
+def test_every_error_the_pack_raises_has_one_root(pack, S):
+    errors = importlib.import_module(f"{pack.__name__}.utils.errors")
+    image = importlib.import_module(f"{pack.__name__}.utils.image")
+    classes = [importlib.import_module(f"{pack.__name__}.loaders.pipeline").LoadError,
+               importlib.import_module(f"{pack.__name__}.loaders.weights").ModelFolderError,
+               importlib.import_module(f"{pack.__name__}.loaders.lora").LoraError,
+               importlib.import_module(f"{pack.__name__}.loaders.speed").SpeedError, S.EditError]
+    assert all(issubclass(c, errors.QwenEditError) for c in classes)
+    with pytest.raises(errors.QwenEditError, match="NaN"):
+        image.validate_image(torch.full((1, 8, 8, 3), float("nan")), "image")
+    with pytest.raises(errors.QwenEditError):
+        S.validate(S.EditRequest("make it red"), [torch.zeros(1, 8, 8, 3, dtype=torch.int64)])

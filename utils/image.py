@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .errors import ImageError, ImageTypeError
+
 Color = Tuple[float, float, float]
 
 WHITE: Color = (1.0, 1.0, 1.0)
@@ -56,21 +58,21 @@ _UPSTREAM_HINT = "check the node that produced it"
 def _check_layout(images: torch.Tensor, name: str) -> torch.Tensor:
     """Return ``images`` as a ``[B, H, W, C]`` view, refusing what no conversion can fix."""
     if not isinstance(images, torch.Tensor):
-        raise TypeError(
+        raise ImageTypeError(
             f"{name} must be an IMAGE tensor [batch, height, width, channels]; "
             f"got {type(images).__name__}"
         )
     shape = tuple(images.shape)
     if images.ndim not in (3, 4):
-        raise ValueError(
+        raise ImageError(
             f"{name} must be an IMAGE shaped [batch, height, width, channels]; "
             f"got {images.ndim} dimensions {shape}"
         )
     if images.numel() == 0:
-        raise ValueError(f"{name} is empty (shape {shape}); {_UPSTREAM_HINT}")
+        raise ImageError(f"{name} is empty (shape {shape}); {_UPSTREAM_HINT}")
     if images.ndim == 3:
         if not 1 <= shape[-1] <= 4:
-            raise ValueError(
+            raise ImageError(
                 f"{name} has shape {shape}, which looks like a MASK [batch, height, width], not an "
                 "IMAGE; turn it into an image first (ComfyUI's 'Convert Mask to Image' node)"
             )
@@ -81,9 +83,9 @@ def _check_layout(images: torch.Tensor, name: str) -> torch.Tensor:
             hint = "it looks channels-first [batch, channels, height, width]; put channels last"
         else:
             hint = "an IMAGE has 1 (gray), 2 (gray + alpha), 3 (RGB) or 4 (RGBA) channels"
-        raise ValueError(f"{name} has {channels} channels (shape {shape}); {hint}")
+        raise ImageError(f"{name} has {channels} channels (shape {shape}); {hint}")
     if not (images.is_floating_point() or images.dtype in (torch.uint8, torch.bool)):
-        raise TypeError(
+        raise ImageTypeError(
             f"{name} has dtype {images.dtype}; an IMAGE holds floats 0..1 (uint8 0..255 also works)"
         )
     return images
@@ -104,7 +106,7 @@ def _check_background(background: Optional[Sequence[float]], name: str = "backgr
     else:
         values = tuple(float(v) for v in background)
     if len(values) != 3 or not all(0.0 <= v <= 1.0 for v in values):
-        raise ValueError(f"{name} must be None or three floats 0..1 (R, G, B); got {background!r}")
+        raise ImageError(f"{name} must be None or three floats 0..1 (R, G, B); got {background!r}")
     return values  # type: ignore[return-value]
 
 
@@ -154,16 +156,16 @@ def validate_image(
         low, high = torch.aminmax(x.detach())  # one pass, no temporary; NaN propagates to both
         if not bool(torch.isfinite(low) & torch.isfinite(high)):
             what = "NaN" if bool(torch.isnan(low) | torch.isnan(high)) else "infinite"
-            raise ValueError(f"{name} contains {what} values; {_UPSTREAM_HINT}")
+            raise ImageError(f"{name} contains {what} values; {_UPSTREAM_HINT}")
     height, width = int(x.shape[1]), int(x.shape[2])
     if min(width, height) < min_side:
-        raise ValueError(
+        raise ImageError(
             f"{name} is {width}x{height} pixels; each side must be at least {min_side} px. "
             f"Scale it up first with the '{SCALE_NODE}' node (for example to 1 megapixel)."
         )
     aspect = max(width, height) / min(width, height)
     if max_aspect is not None and aspect > max_aspect:
-        raise ValueError(
+        raise ImageError(
             f"{name} is {width}x{height} pixels, an aspect ratio of 1:{aspect:.1f}; the model "
             f"handles at most 1:{max_aspect:g}. Crop it closer to square first."
         )
@@ -204,11 +206,11 @@ def tensor_to_pil(images: torch.Tensor, background: Optional[Color] = WHITE) -> 
         frames = rgb.numpy()
         # max() propagates NaN; numpy's single thread is steadier than torch's pool on a busy CPU.
         if np.isnan(frames.max()):
-            raise ValueError(f"image contains NaN values; {_UPSTREAM_HINT}")
+            raise ImageError(f"image contains NaN values; {_UPSTREAM_HINT}")
         array = _quantise(frames)
     else:
         if bool(torch.isnan(rgb).any()):
-            raise ValueError(f"image contains NaN values; {_UPSTREAM_HINT}")
+            raise ImageError(f"image contains NaN values; {_UPSTREAM_HINT}")
         array = rgb.mul(255).round_().clamp_(0, 255).to(torch.uint8).cpu().contiguous().numpy()
     return [Image.fromarray(frame) for frame in array]
 
@@ -242,20 +244,20 @@ def pil_to_tensor(
     """
     batch = [images] if isinstance(images, Image.Image) else list(images)
     if not batch:
-        raise ValueError("no images to convert; the list is empty")
+        raise ImageError("no images to convert; the list is empty")
     for index, image in enumerate(batch):
         if not isinstance(image, Image.Image):
-            raise TypeError(f"item {index} is a {type(image).__name__}, not a PIL image")
+            raise ImageTypeError(f"item {index} is a {type(image).__name__}, not a PIL image")
     sizes = sorted({image.size for image in batch})
     if len(sizes) > 1:
         listed = ", ".join(f"{w}x{h}" for w, h in sizes)
-        raise ValueError(
+        raise ImageError(
             f"images in one batch must share a size; got {listed}. Scale them to one size first "
             f"(for example with the '{SCALE_NODE}' node) or pass them separately."
         )
     width, height = sizes[0]
     if width == 0 or height == 0:
-        raise ValueError(f"image is empty ({width}x{height}); {_UPSTREAM_HINT}")
+        raise ImageError(f"image is empty ({width}x{height}); {_UPSTREAM_HINT}")
     bg = _check_background(background)
     out = np.empty((len(batch), height, width, 3), dtype=np.float32)
     for frame, image in zip(out, batch):
@@ -305,9 +307,9 @@ def scaled_size(
     """
     for label, value in (("width", width), ("height", height), ("multiple", multiple)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{label} must be a whole number >= 1; got {value!r}")
+            raise ImageError(f"{label} must be a whole number >= 1; got {value!r}")
     if not (isinstance(megapixels, (int, float)) and math.isfinite(megapixels) and megapixels > 0):
-        raise ValueError(f"megapixels must be a finite number > 0; got {megapixels!r}")
+        raise ImageError(f"megapixels must be a finite number > 0; got {megapixels!r}")
     area = float(megapixels) * MEGAPIXEL
     ratio = width / height
     ideal_w = math.sqrt(area * ratio) / multiple
@@ -440,12 +442,12 @@ def scale_image(
     up is accepted. The result is on the input's device; the input is not modified.
     """
     if method not in SCALE_METHODS:
-        raise ValueError(f"method must be one of {', '.join(SCALE_METHODS)}; got {method!r}")
+        raise ImageError(f"method must be one of {', '.join(SCALE_METHODS)}; got {method!r}")
     if fit not in FIT_MODES:
-        raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}; got {fit!r}")
+        raise ImageError(f"fit must be one of {', '.join(FIT_MODES)}; got {fit!r}")
     for label, value in (("width", width), ("height", height)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ValueError(f"{label} must be a whole number >= 1; got {value!r}")
+            raise ImageError(f"{label} must be a whole number >= 1; got {value!r}")
     validate_image(images, "image", min_side=1, max_aspect=None)
     return _scale_valid(images, int(width), int(height), method, fit, pad_color)
 
@@ -455,7 +457,7 @@ def _scale_valid(
 ) -> torch.Tensor:
     pad = _check_background(pad_color, "pad_color")
     if pad is None:
-        raise ValueError("pad_color must be three floats 0..1 (R, G, B); got None")
+        raise ImageError("pad_color must be three floats 0..1 (R, G, B); got None")
     x = to_rgb(images)
     if fit == "stretch":
         out = _resize(x, width, height, method)
@@ -480,9 +482,9 @@ def scale_to_megapixels(
     Returns ``(image, width, height)``.
     """
     if method not in SCALE_METHODS:
-        raise ValueError(f"method must be one of {', '.join(SCALE_METHODS)}; got {method!r}")
+        raise ImageError(f"method must be one of {', '.join(SCALE_METHODS)}; got {method!r}")
     if fit not in FIT_MODES:
-        raise ValueError(f"fit must be one of {', '.join(FIT_MODES)}; got {fit!r}")
+        raise ImageError(f"fit must be one of {', '.join(FIT_MODES)}; got {fit!r}")
     validate_image(images, "image", min_side=1, max_aspect=None)
     in_h, in_w = int(images.shape[-3]), int(images.shape[-2])
     width, height = scaled_size(in_w, in_h, megapixels, multiple, match_pipeline=match_pipeline)

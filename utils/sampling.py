@@ -19,6 +19,7 @@ from typing import Any, Callable
 import torch
 
 from . import comfy
+from .errors import QwenEditError
 from .image import pipeline_reference_size, tensor_to_pil, validate_image
 
 log = logging.getLogger("qwen_image_edit")
@@ -37,7 +38,7 @@ VISION_TOKENS_PER_IMAGE = 256
 TEMPLATE_OVERHEAD_TOKENS = 32
 
 
-class EditError(ValueError):
+class EditError(QwenEditError, ValueError):
     """Bad input for an edit; the message says what to change."""
 
 
@@ -85,11 +86,14 @@ def with_lightning_defaults(req: EditRequest, lightning_steps: int | None) -> Ed
 
 
 def auto_size(width: int, height: int, area: int = 1024 * 1024) -> tuple[int, int]:
-    """The pipeline's own default: ~1 MP at this aspect, sides multiples of 32."""
+    """The pipeline's own default size for an image of this aspect: ~1 MP, sides multiples of 32.
+
+    The same arithmetic as diffusers' `calculate_dimensions` (both sides from the unrounded width). The
+    sampler applies it to Picture 1, the image being edited; diffusers alone follows the last picture.
+    """
     ratio = width / height
-    w = round(math.sqrt(area * ratio) / 32) * 32
-    h = round(w / ratio / 32) * 32
-    return max(w, 32), max(h, 32)
+    exact_width = math.sqrt(area * ratio)
+    return max(round(exact_width / 32) * 32, 32), max(round(exact_width / ratio / 32) * 32, 32)
 
 
 def output_size(req: EditRequest, first_width: int, first_height: int) -> tuple[int, int, tuple[int, int] | None]:
