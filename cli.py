@@ -2,7 +2,7 @@
 """Qwen-Image-Edit from the terminal, through the pack's own ComfyUI nodes.
 
     python cli.py edit --image in.png --prompt "Replace the sky with a sunset" --output out.png
-    python cli.py doctor [--json] [--model PATH_OR_HUB_ID]
+    python cli.py doctor [--json] [--model PATH_OR_HUB_ID] [--comfyui PATH]
     python cli.py selftest
 
 Run it with a Python that has the pack's requirements (ComfyUI's own Python has them once the pack is
@@ -208,17 +208,23 @@ def build_parser(pack: types.ModuleType) -> argparse.ArgumentParser:
 
     doctor = commands.add_parser(
         "doctor", help="what this machine can do and the loader settings it needs",
-        description="Versions, zero_cond_t support, GPUs and free memory, whether NF4/8-bit work here, and the "
-                    "loader settings recommended for this machine with the memory each needs.",
+        description="Versions, zero_cond_t support, GPUs and free memory, whether NF4/8-bit work here, the "
+                    "Qwen-Image-Edit single files in ComfyUI's model folders (storage, variant, size), and the "
+                    "loader settings recommended for this machine with the memory each needs (from those files' "
+                    "real sizes when a full set is found).",
     )
     doctor.add_argument("--json", action="store_true", help="print the report as JSON")
     doctor.add_argument("--model", metavar="PATH_OR_HUB_ID",
-                        help="read the component sizes from this local model instead of using Edit-2511's")
+                        help="read the component sizes from this local diffusers folder (instead of the ComfyUI files "
+                             "found, or Edit-2511's published sizes)")
     precision = node_inputs(loader_node)["precision"]
     doctor.add_argument("--precision", choices=list(precision[0]), default=precision[1].get("default"),
                         help="weight precision to plan for (default: %(default)s)")
     doctor.add_argument("--no-quantization-check", dest="check_quantization", action="store_false",
                         help="skip quantizing a test layer with bitsandbytes")
+    doctor.add_argument("--comfyui", metavar="PATH", type=Path,
+                        help="a ComfyUI install (or its models folder) whose diffusion_models, text_encoders and vae "
+                             "files to list (default: the ComfyUI this pack sits in, if any)")
 
     selftest = commands.add_parser(
         "selftest", help="prove the install: load and edit with a tiny random model built on the spot",
@@ -444,10 +450,23 @@ def cmd_edit(pack: types.ModuleType, args: argparse.Namespace) -> int:
     return 0
 
 
+def comfyui_models_dir(comfyui: Path | None = None) -> Path | None:
+    """ComfyUI's models folder: `comfyui` (an install or its models folder) if given, else the one of the
+    ComfyUI this pack sits in (found as `comfyui_diffusers_dirs` finds models/diffusers), else None."""
+    if comfyui is not None:
+        comfyui = comfyui.expanduser().resolve()
+        if not comfyui.is_dir():
+            raise CliError(f"--comfyui: no such folder: {comfyui}")
+        return comfyui / "models" if (comfyui / "models").is_dir() else comfyui
+    dirs = comfyui_diffusers_dirs()
+    return dirs[0].parent if dirs else None
+
+
 def cmd_doctor(pack: types.ModuleType, args: argparse.Namespace) -> int:
     doctor = submodule(pack, "utils.doctor")
     model = resolve_model(args.model) if args.model else None
-    report = doctor.diagnose(model, args.precision, args.check_quantization)
+    report = doctor.diagnose(model, args.precision, args.check_quantization,
+                             comfy_models=comfyui_models_dir(args.comfyui))
     if args.json:
         print(json.dumps(report, indent=2))
     else:

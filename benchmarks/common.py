@@ -15,6 +15,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import types
 from pathlib import Path
@@ -26,6 +27,8 @@ if str(REPO_ROOT) not in sys.path:
 from cli import PACK_NAME, load_pack  # noqa: E402 - the pack is imported the one way ComfyUI does
 BENCH_DIR = REPO_ROOT / "benchmarks"
 RESULTS_DIR = BENCH_DIR / "results"
+#: Where a run writes its JSON unless told to save it: outside the working tree, so a run leaves git clean.
+LOCAL_RESULTS_DIR = Path(tempfile.gettempdir()) / "qwen-image-edit-benchmarks"
 
 #: Modules the pack must not pull in at import time (ComfyUI start-up stays fast).
 HEAVY_MODULES = ("diffusers", "transformers", "accelerate", "bitsandbytes", "peft", "huggingface_hub")
@@ -284,6 +287,14 @@ def figures_table(figures: list[dict[str, Any]]) -> str:
     rows = [[f["id"], f["name"], f"{_fmt(f['value'])} {f['unit']}".strip(), f["target"], status(f["met"])]
             for f in figures]
     return table(rows, ["#", "figure", "value", "target", "status"])
+
+
+def json_path(name: str, explicit: Path | None, save: bool) -> Path:
+    """--json PATH if given; --save: benchmarks/results/<name> (tracked: what the README quotes); else an
+    untracked copy under the temporary folder, so that running a benchmark leaves the working tree clean."""
+    if explicit is not None:
+        return Path(explicit)
+    return (RESULTS_DIR if save else LOCAL_RESULTS_DIR) / name
 
 
 def write_json(path: Path, payload: dict[str, Any]) -> None:

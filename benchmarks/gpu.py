@@ -1,6 +1,6 @@
 """Figure 7: the full-size Qwen-Image-Edit-2511 transformer on a GPU, the pack beside plain diffusers.
 
-    python benchmarks/gpu.py                # CUDA machine, JSON to benchmarks/results/gpu.json
+    python benchmarks/gpu.py --save         # CUDA machine, JSON to benchmarks/results/gpu.json
                                             # (sized for 8 min on one H100; not yet run on one)
     python benchmarks/gpu.py --tiny         # any machine: the same code path on the tiny config (CPU: 2 configs)
 
@@ -37,8 +37,9 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (  # noqa: E402 - the repo root must be on sys.path first
-    RESULTS_DIR,
+    LOCAL_RESULTS_DIR,
     dir_bytes,
+    json_path,
     load_pack,
     log,
     machine_info,
@@ -252,7 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny config and size: checks the code path (CPU works)")
     parser.add_argument("--json", type=Path, default=None,
-                        help="JSON output (default benchmarks/results/gpu.json, --tiny: results/gpu-tiny.json)")
+                        help=f"JSON output (default {LOCAL_RESULTS_DIR}/gpu.json or gpu-tiny.json, outside the working tree)")
+    parser.add_argument("--save", action="store_true",
+                        help="write the JSON to benchmarks/results/gpu.json (--tiny: gpu-tiny.json), which the README quotes")
     parser.add_argument("--dir", help="model folder to build into and keep, or reuse if already built")
     parser.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
     parser.add_argument("--steps", type=int, default=None, help="denoising steps run per edit (default 6; --tiny 4)")
@@ -349,9 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Machine: {machine_line(machine)}")
     print(_table(summary))
     print(payload["figure"]["notes"])
-    json_path = args.json or RESULTS_DIR / ("gpu-tiny.json" if args.tiny else "gpu.json")
-    write_json(json_path, payload)
-    print(f"JSON: {json_path}")
+    destination = json_path("gpu-tiny.json" if args.tiny else "gpu.json", args.json, args.save)
+    write_json(destination, payload)
+    print(f"JSON: {destination}")
     return 0
 
 

@@ -1,8 +1,9 @@
-"""CPU benchmarks (figures 1-6): where time and memory go, side by side with plain diffusers.
+"""CPU benchmarks (figures 1-6 and 8): where time and memory go, side by side with plain diffusers.
 
-    python benchmarks/run.py                 # full run (~5 min on 2 cores), JSON to benchmarks/results/cpu.json
-    python benchmarks/run.py --quick         # smoke run (~1 min), JSON to a temporary file unless --json
-    python benchmarks/run.py --only 2,4      # some figures only
+    python benchmarks/run.py                 # full run (~4 min on 2 cores), JSON to $TMPDIR/qwen-image-edit-benchmarks/
+    python benchmarks/run.py --save          # the same, JSON to benchmarks/results/cpu.json (what the README quotes)
+    python benchmarks/run.py --quick         # smoke run (~1.5 min)
+    python benchmarks/run.py --only 2,8      # some figures only
 
 Prints a table on stdout and writes the same figures as JSON. Progress goes to stderr. Figures that
 compare two things measure both in this run, interleaved, and report a ratio from medians of
@@ -15,6 +16,7 @@ import argparse
 import gc
 import itertools
 import json
+import os
 import sys
 import tempfile
 import time
@@ -24,13 +26,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks.common import (  # noqa: E402 - the repo root must be on sys.path first
     HEAVY_MODULES,
+    LOCAL_RESULTS_DIR,
     PACK_NAME,
-    RESULTS_DIR,
     PeakRSS,
     current_rss,
     dir_bytes,
     figure,
     figures_table,
+    json_path,
     load_pack,
     log,
     machine_info,
@@ -41,16 +44,19 @@ from benchmarks.common import (  # noqa: E402 - the repo root must be on sys.pat
     quiet,
     run_child,
     setup,
+    table,
     write_json,
 )
 
 SCRIPT = Path(__file__).resolve()
 MB = 1e6
 
+ALL_FIGURES = ("1", "2", "3", "4", "5", "6", "8")  # 7 is gpu.py's
 FULL = dict(import_runs=7, edit_size=128, edit_steps=4, edit_pairs=9, warm_repeats=2000, convert_runs=9,
-            load_layers=4, edit_threads=1)
+            load_layers=4, edit_threads=1, files_layers=2, files_repeats=7, file_rows=None)
 QUICK = dict(import_runs=2, edit_size=64, edit_steps=2, edit_pairs=2, warm_repeats=200, convert_runs=3,
-             load_layers=1, edit_threads=1)
+             load_layers=1, edit_threads=1, files_layers=1, files_repeats=2,
+             file_rows=("diffusers folder", "scaled fp8 + fp8 text encoder", "GGUF Q4_0"))
 
 
 # -- figure 1: import cost ---------------------------------------------------------------------------
@@ -486,6 +492,251 @@ def _nf4_bytes_per_linear_param(q: dict[str, Any]) -> float:
     return (q["nf4"]["bytes"] - rest) / linear
 
 
+# -- figure 8: ComfyUI single files beside the diffusers folder ---------------------------------------
+
+#: (label, transformer format, text encoder format); None: the diffusers folder itself (the reference).
+FILE_ROWS = (
+    ("diffusers folder", None, None),
+    ("bf16 files", "bf16", "bf16"),
+    ("fp8", "fp8", "bf16"),
+    ("scaled fp8", "scaled_fp8", "bf16"),
+    ("comfy_quant fp8", "comfy_quant", "bf16"),
+    ("GGUF Q8_0", "gguf_q8_0", "bf16"),
+    ("GGUF Q4_0", "gguf_q4_0", "bf16"),
+    ("scaled fp8 + fp8 text encoder", "scaled_fp8", "fp8_scaled"),
+)
+_FOLDERS = {"diffusers": "diffusers", "diffusion_models": "diffusion_models", "unet": "diffusion_models",
+            "text_encoders": "text_encoders", "clip": "text_encoders", "vae": "vae", "loras": "loras"}
+
+
+def _touch_weights(pipe: Any) -> None:
+    """Read one byte of every page of every weight (memory-mapped weights are paged in on first use)."""
+    import torch
+
+    for component in (pipe.transformer, pipe.text_encoder, pipe.vae):
+        for tensor in itertools.chain(component.parameters(), component.buffers()):
+            if tensor.numel() == 0:
+                continue
+            raw = tensor.detach()
+            if type(raw) is not torch.Tensor:  # GGUFParameter and other subclasses: their plain storage
+                raw = torch.Tensor._make_subclass(torch.Tensor, raw)
+            raw.reshape(-1).view(torch.uint8)[::4096].sum()
+
+
+def child_files_loads(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    """Peak RSS of each row's load in a process of its own, then load times, through the pack's loader.
+
+    This interpreter imports the libraries and loads the tiny model exported the same way once per row
+    (lazy imports and one-time allocations land in the baseline); then each row's peak RSS is measured
+    in a process forked from it (without fork, here one after the other), so every measured load
+    starts from the same state and the ~6 s of imports is paid once. The load times are taken here
+    afterwards, in rounds. ComfyUI's folders are the test stand-in's (`tests/comfy_standin.py`),
+    pointed at the tiny or the measured model.
+    """
+    from tests import comfy_standin
+
+    L = pack_module("loaders.pipeline")
+    modules = comfy_standin.install(Path(spec["warm_root"]))
+    pack_module("utils.comfy").refresh()
+    folders = modules["folder_paths"].folder_names_and_paths
+
+    def settings(root: str, row: dict[str, Any], model: str) -> Any:
+        for name, sub in _FOLDERS.items():
+            folders[name] = [str(Path(root) / sub)]
+        return L.LoadSettings(row[model], precision="bfloat16", quantization="none", device="cpu", offload="none",
+                              text_encoder=row["text_encoder"], vae=row["vae"])
+
+    for row in spec["rows"]:
+        L.get_pipeline(settings(spec["warm_root"], row, "warm_model"))
+        L.release_pipeline()
+    gc.collect()
+    results = []
+    for row in spec["rows"]:
+        def measure(row: dict[str, Any] = row) -> dict[str, Any]:
+            # The tiny load once more in this process: a forked process shares the libraries' code pages
+            # without counting them in its RSS until it runs them, which would add them to the peak.
+            L.get_pipeline(settings(spec["warm_root"], row, "warm_model"))
+            L.release_pipeline()
+            return _measure_load(L, settings(spec["measured_root"], row, "model"))
+
+        results.append(_in_fork(measure) if hasattr(os, "fork") else measure())
+    # Load times: here, every set once per round, the order rotating, so that the machine's drift
+    # (shared cores) spreads over all of them; the cache is released before each load.
+    rows = spec["rows"]
+    for result in results:
+        result["load_s"] = []
+    for i in range(spec["repeats"]):
+        for k in range(len(rows)):
+            j = (i + k) % len(rows)
+            measured = settings(spec["measured_root"], rows[j], "model")
+            L.release_pipeline()
+            gc.collect()
+            start = time.perf_counter()
+            L.get_pipeline(measured)
+            results[j]["load_s"].append(time.perf_counter() - start)
+    L.release_pipeline()
+    return results
+
+
+def _in_fork(fn: Any) -> Any:
+    """fn() in a forked child process; its JSON-able result (or its error) comes back through a pipe."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into the caller's code
+        code = 0
+        try:
+            os.close(read)
+            out = json.dumps(fn())
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            out, code = json.dumps({"error": f"{type(exc).__name__}: {exc}"}), 1
+        with os.fdopen(write, "w") as pipe:
+            pipe.write(out)
+        os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        data = pipe.read()
+    os.waitpid(pid, 0)
+    result = json.loads(data) if data else {"error": "the forked process died without a result"}
+    if "error" in result:
+        raise RuntimeError(f"measuring a load failed: {result['error']}")
+    return result
+
+
+def _measure_load(L: Any, settings: Any) -> dict[str, Any]:
+    """Peak RSS of one load (every weight then read once) and the bytes it keeps."""
+    from benchmarks.synthetic import module_bytes
+
+    gc.collect()
+    baseline = current_rss()
+    with PeakRSS() as window:
+        start = time.perf_counter()
+        pipe = L.get_pipeline(settings).pipe
+        seconds = time.perf_counter() - start
+        peak_load = window.peak()
+        _touch_weights(pipe)
+        peak = window.peak()
+    after = current_rss()
+    weight = pipe.transformer.transformer_blocks[0].attn.to_q.weight
+    result = {"baseline": baseline, "peak_load": peak_load, "peak": peak, "after": after,
+              "bytes": {c: module_bytes(getattr(pipe, c)) for c in ("transformer", "text_encoder", "vae")},
+              "transformer_weight": f"{type(weight).__name__} {str(weight.dtype).removeprefix('torch.')}",
+              "transformer_numel": sum(p.numel() for p in pipe.transformer.parameters()),
+              "text_encoder_weight": str(pipe.text_encoder.model.language_model.layers[0].mlp.up_proj.weight.dtype
+                                         ).removeprefix("torch."),
+              "peak_method": window.method, "first_load_s": seconds}
+    del pipe, weight
+    L.release_pipeline()
+    return result
+
+
+def fig_files(cfg: dict, tmp: Path, tiny: Tiny) -> dict[str, Any]:
+    from benchmarks import synthetic
+
+    to_wan = pack_module("loaders.comfy_files").diffusers_to_wan_vae_key
+    rows = [r for r in FILE_ROWS if cfg["file_rows"] is None or r[0] in cfg["file_rows"]]
+    t_formats = list(dict.fromkeys(r[1] for r in rows if r[1]))
+    te_formats = list(dict.fromkeys(r[2] for r in rows if r[2]))
+    te = synthetic.REPRESENTATIVE_TEXT_ENCODER
+    log(f"  figure 8: building the medium model ({cfg['files_layers']}-layer transformer at inner width 1024, "
+        f"text encoder hidden {te['hidden']}) and exporting {len(t_formats)} + {len(te_formats)} + 1 files")
+    start = time.perf_counter()
+    medium = synthetic.save_pipeline(tmp / "files-medium",
+                                     synthetic.large_transformer_config(cfg["files_layers"], te["hidden"]),
+                                     text_encoder=te)
+    medium_models = synthetic.export_comfy_files(medium, tmp / "files-medium-models", t_formats, te_formats, to_wan)
+    tiny_models = synthetic.export_comfy_files(tiny.dir, tmp / "files-tiny-models", t_formats, te_formats, to_wan)
+    export_s = time.perf_counter() - start
+
+    specs, disks = [], []
+    for label, t_fmt, te_fmt in rows:
+        if t_fmt is None:  # the diffusers folder: model is its path
+            specs.append({"model": str(medium), "warm_model": str(tiny.dir), "text_encoder": "", "vae": ""})
+            disks.append(dir_bytes(medium))
+            continue
+        files = {"diffusion_models": synthetic.COMFY_TRANSFORMER_FILES[t_fmt],
+                 "text_encoders": synthetic.COMFY_TEXT_ENCODER_FILES[te_fmt], "vae": synthetic.COMFY_VAE_FILE}
+        specs.append({"model": files["diffusion_models"], "warm_model": files["diffusion_models"],
+                      "text_encoder": files["text_encoders"], "vae": files["vae"]})
+        disks.append(sum((medium_models / sub / name).stat().st_size for sub, name in files.items()))
+    log(f"  figure 8: loading {len(rows)} sets, each in a process of its own ({', '.join(r[0] for r in rows)})")
+    measured = run_child(SCRIPT, ["--child", "files-load", "--spec", json.dumps(
+        {"warm_root": str(tiny_models), "measured_root": str(medium_models), "repeats": cfg["files_repeats"],
+         "rows": specs})])
+    results: list[dict[str, Any]] = []
+    for (label, t_fmt, te_fmt), disk, r in zip(rows, disks, measured):
+        loaded = r["bytes"]
+        results.append({"set": label, "transformer_format": t_fmt or "diffusers bf16",
+                        "text_encoder_format": te_fmt or "diffusers bf16", "disk": disk,
+                        "load_s": median(r["load_s"]), "load_runs_s": [round(t, 3) for t in r["load_s"]],
+                        "first_load_s": round(r["first_load_s"], 3),
+                        "peak": r["peak"] - r["baseline"], "peak_load": r["peak_load"] - r["baseline"],
+                        "baseline": r["baseline"], "after": r["after"] - r["baseline"], "loaded": loaded,
+                        "kept": sum(loaded.values()), "transformer_weight": r["transformer_weight"],
+                        "transformer_numel": r["transformer_numel"],
+                        "text_encoder_weight": r["text_encoder_weight"]})
+    ref = results[0]
+    for row in results:
+        # Per round, this set's load over the folder's in the same round: the machine's drift cancels.
+        row["load_ratio"] = round(median(t / f for t, f in zip(row["load_runs_s"], ref["load_runs_s"])), 3)
+        row["peak_ratio"] = round(row["peak"] / ref["peak"], 3)
+        row["peak_per_kept"] = round(row["peak"] / row["kept"], 3)
+        # Per parameter of the model (the folder's count: a GGUF tensor's numel counts its packed bytes).
+        row["transformer_bytes_per_param"] = round(row["loaded"]["transformer"] / ref["transformer_numel"], 3)
+        for c in ("transformer", "text_encoder"):
+            row[f"{c}_ratio"] = round(row["loaded"][c] / ref["loaded"][c], 3)
+    # Headline: the worst peak RSS of a load per byte it keeps (1.0 = no transient copy at all).
+    worst = max(results, key=lambda row: row["peak_per_kept"])
+    quantized_smaller = all(row["transformer_ratio"] < 0.6 for row in results
+                            if row["transformer_format"] not in ("bf16", "diffusers bf16"))
+    met = worst["peak_per_kept"] <= 1.25 and quantized_smaller
+    summary = "; ".join(
+        f"{row['set']} {row['load_s'] * 1000:.0f} ms ({row['load_ratio']:.2f}x), peak {row['peak'] / MB:.0f} MB "
+        f"({row['peak_ratio']:.2f}x), transformer {row['transformer_ratio']:.2f}x" for row in results[1:])
+    return figure(
+        "8", "ComfyUI files: peak RSS of a load / bytes kept (worst)", worst["peak_per_kept"], "x",
+        "<= 1.25x; fp8/GGUF kept quantized (< 0.6x bf16)", met,
+        f"a {cfg['files_layers']}-layer transformer at inner width 1024 ({ref['loaded']['transformer'] / MB:.0f} MB "
+        f"bf16) + a {ref['loaded']['text_encoder'] / MB:.0f} MB text encoder, loaded bf16 on CPU through the "
+        f"loader, each set in a process of its own forked from one fresh interpreter (libraries imported, the tiny "
+        f"model loaded and released), every weight then read once; load time = median of {cfg['files_repeats']} "
+        f"loads of each set in rounds (in one interpreter, the order rotating), ratios = median of the per-round "
+        f"ratios to the folder; diffusers folder "
+        f"{ref['load_s'] * 1000:.0f} ms, peak {ref['peak'] / MB:.0f} MB above a {ref['baseline'] / MB:.0f} MB "
+        f"baseline; {summary}; worst peak/kept: {worst['set']}; exports {export_s:.0f} s",
+        rows=[_files_row_json(row) for row in results],
+        layers=cfg["files_layers"], repeats=cfg["files_repeats"], export_s=round(export_s, 1),
+        quantized_kept_smaller=quantized_smaller,
+    )
+
+
+def _files_row_json(row: dict[str, Any]) -> dict[str, Any]:
+    """A figure 8 row for the JSON: byte counts in MB (keys ending in _mb)."""
+    out = {}
+    for key, value in row.items():
+        if key in ("disk", "peak", "peak_load", "baseline", "after", "kept"):
+            out[f"{key}_mb"] = round(value / MB, 2)
+        elif key == "loaded":
+            out["loaded_mb"] = {c: round(b / MB, 3) for c, b in value.items()}
+        else:
+            out[key] = round(value, 4) if isinstance(value, float) else value
+    return out
+
+
+def files_table(rows: list[dict[str, Any]]) -> str:
+    """Figure 8's JSON rows as a table: MB, and the ratio to the diffusers folder."""
+    out = []
+    for row in rows:
+        loaded = row["loaded_mb"]
+        out.append([row["set"], f"{row['transformer_bytes_per_param']:.2f} B/param ({row['transformer_weight'].split()[-1]})",
+                    f"{row['disk_mb']:.0f}",
+                    f"{row['load_s'] * 1000:.0f} ms ({row['load_ratio']:.2f}x)",
+                    f"{row['peak_mb']:.0f} ({row['peak_ratio']:.2f}x)",
+                    f"{loaded['transformer']:.1f} ({row['transformer_ratio']:.2f}x)",
+                    f"{loaded['text_encoder']:.1f} ({row['text_encoder_ratio']:.2f}x)"])
+    return table(out, ["set", "transformer kept as", "on disk MB", "load (x folder)",
+                       "peak RSS MB (x folder)", "transformer MB (x bf16)", "text encoder MB (x bf16)"])
+
+
 # -- main ---------------------------------------------------------------------------------------------
 
 
@@ -493,14 +744,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats and smaller sizes (smoke run)")
     parser.add_argument("--json", type=Path, default=None,
-                        help="where to write the JSON (default benchmarks/results/cpu.json; --quick: none unless given)")
-    parser.add_argument("--only", default="1,2,3,4,5,6", help="comma-separated figure numbers")
+                        help=f"where to write the JSON (default {LOCAL_RESULTS_DIR / 'cpu.json'}, outside the working tree)")
+    parser.add_argument("--save", action="store_true",
+                        help="write the JSON to benchmarks/results/cpu.json (the figures the README quotes)")
+    parser.add_argument("--only", default=",".join(ALL_FIGURES),
+                        help="comma-separated figure numbers (with --save, the others stay in the saved JSON)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--pycache", help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
     parser.add_argument("--warm", help=argparse.SUPPRESS)
     parser.add_argument("--mode", help=argparse.SUPPRESS)
     parser.add_argument("--repeats", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     setup()
 
@@ -514,11 +769,15 @@ def main(argv: list[str] | None = None) -> int:
         quiet()
         print(json.dumps(child_load_memory(args.dir, args.warm, args.mode)))
         return 0
+    if args.child == "files-load":
+        quiet()
+        print(json.dumps(child_files_loads(json.loads(args.spec))))
+        return 0
 
     quiet()
     cfg = QUICK if args.quick else FULL
     wanted = {s.strip() for s in args.only.split(",") if s.strip()}
-    json_path = args.json or (None if args.quick else RESULTS_DIR / "cpu.json")
+    destination = json_path("cpu.json", args.json, args.save)
     machine = machine_info()
     log(f"machine: {machine_line(machine)}")
     started = time.perf_counter()
@@ -540,6 +799,7 @@ def main(argv: list[str] | None = None) -> int:
             ("4", "image conversion", lambda: fig_conversion(cfg)),
             ("5", "load memory", lambda: fig_load_memory(cfg, tmp, need_tiny())),
             ("6", "quantized sizes", lambda: fig_quantized(cfg, tmp, need_tiny())),
+            ("8", "ComfyUI files vs the diffusers folder", lambda: fig_files(cfg, tmp, need_tiny())),
         ]
         for fid, title, fn in steps:
             if fid not in wanted:
@@ -555,16 +815,39 @@ def main(argv: list[str] | None = None) -> int:
         pack_module("loaders.pipeline").release_pipeline() if PACK_NAME in sys.modules else None
     figures.sort(key=lambda f: f["id"])
     payload = {"kind": "cpu", "quick": args.quick, "machine": machine,
-               "command": "python benchmarks/run.py" + (" --quick" if args.quick else ""),
+               "command": "python benchmarks/run.py" + (" --quick" if args.quick else "")
+               + (f" --only {args.only}" if wanted != set(ALL_FIGURES) else "") + (" --save" if args.save else ""),
                "seconds": round(time.perf_counter() - started, 1), "figures": figures}
+    for f in figures:
+        f["measured"] = {"date": machine["date"], "commit": machine.get("commit"), "command": payload["command"],
+                         "machine": machine_line(machine)}
+    kept = _merge_saved(payload, destination) if args.save and args.json is None and wanted != set(ALL_FIGURES) else []
     print(f"Machine: {machine_line(machine)}")
     print(figures_table(figures))
     for f in figures:
         print(f"  {f['id']}. {f['notes']}")
-    if json_path is not None:
-        write_json(json_path, payload)
-        print(f"JSON: {json_path}")
+    for f in figures:
+        if f["id"] == "8" and f["details"].get("rows"):
+            print("\nFigure 8: ComfyUI single files beside the diffusers folder of the same model")
+            print(files_table(f["details"]["rows"]))
+    write_json(destination, payload)
+    print(f"JSON: {destination}" + (f" (figures {', '.join(kept)} kept from its previous run)" if kept else ""))
     return 0
+
+
+def _merge_saved(payload: dict[str, Any], destination: Path) -> list[str]:
+    """`--save --only ...`: the figures not run this time stay in the saved file, each with its own `measured`."""
+    try:
+        old = json.loads(destination.read_text())
+    except (OSError, json.JSONDecodeError):
+        return []
+    ran = {f["id"] for f in payload["figures"]}
+    kept = [f for f in old.get("figures", []) if f["id"] not in ran]
+    for f in kept:
+        f.setdefault("measured", {"date": old["machine"].get("date"), "commit": old["machine"].get("commit"),
+                                  "command": old.get("command"), "machine": machine_line(old["machine"])})
+    payload["figures"] = sorted(payload["figures"] + kept, key=lambda f: f["id"])
+    return [f["id"] for f in kept]
 
 
 if __name__ == "__main__":

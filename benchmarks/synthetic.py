@@ -198,3 +198,35 @@ def module_bytes(module: torch.nn.Module) -> int:
             state = getattr(state, "state2", None)
         add(getattr(tensor, "SCB", None))  # 8-bit row scales
     return total
+
+
+#: File names `export_comfy_files` writes, as ComfyUI users name them (format -> file name).
+COMFY_TRANSFORMER_FILES = {fmt: f"qwen_image_edit_2511_{fmt}.{'gguf' if fmt.startswith('gguf') else 'safetensors'}"
+                           for fmt in kit.COMFY_TRANSFORMER_FORMATS}
+COMFY_TEXT_ENCODER_FILES = {"bf16": "qwen_2.5_vl_7b.safetensors", "fp8_scaled": "qwen_2.5_vl_7b_fp8_scaled.safetensors"}
+COMFY_VAE_FILE = "qwen_image_vae.safetensors"
+
+
+def export_comfy_files(diffusers_dir: str | pathlib.Path, models: str | pathlib.Path, transformer_formats: Any,
+                       text_encoder_formats: Any, to_wan_key: Any) -> pathlib.Path:
+    """A ComfyUI ``models/`` folder holding the diffusers folder's model as single files.
+
+    ``diffusion_models/`` gets the transformer in each of ``transformer_formats`` (the test kit's
+    exporters: bf16, fp8, scaled fp8, comfy_quant, GGUF), ``text_encoders/`` the text encoder in each
+    of ``text_encoder_formats`` (bf16, fp8_scaled), ``vae/`` the VAE; ``diffusers/Qwen-Image-Edit-2511``
+    is the weight-free config folder the files loader reads its configs and tokenizer from.
+    """
+    from diffusers import QwenImageEditPlusPipeline
+
+    models = pathlib.Path(models)
+    for sub in ("diffusion_models", "text_encoders", "vae"):
+        (models / sub).mkdir(parents=True, exist_ok=True)
+    kit.save_config_folder(diffusers_dir, models / "diffusers" / "Qwen-Image-Edit-2511")
+    pipe = QwenImageEditPlusPipeline.from_pretrained(str(diffusers_dir), dtype=torch.bfloat16, local_files_only=True)
+    for fmt in transformer_formats:
+        kit.export_comfy_transformer(pipe, models / "diffusion_models" / COMFY_TRANSFORMER_FILES[fmt], fmt)
+    for fmt in text_encoder_formats:
+        kit.export_comfy_text_encoder(pipe, models / "text_encoders" / COMFY_TEXT_ENCODER_FILES[fmt], fmt)
+    kit.export_comfy_vae(pipe, models / "vae" / COMFY_VAE_FILE, to_wan_key=to_wan_key)
+    del pipe
+    return models

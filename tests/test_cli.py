@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -400,6 +401,125 @@ def test_old_diffusers_is_caught(doctor, monkeypatch):
     assert "pip install -U 'diffusers>=0.37'" in check["detail"]
     report = doctor.diagnose(check_quantization=False)
     assert report["ok"] is False and check["detail"] in report["problems"]
+
+
+# -- doctor: ComfyUI's single files ----------------------------------------------------------------
+
+T_FP8 = "qwen_image_edit_2511_fp8_e4m3fn_scaled.safetensors"
+T_GGUF = "qwen-image-edit-2511-Q4_0.gguf"
+T_2509 = "qwen_image_edit_2509_bf16.safetensors"
+T_BROKEN = "qwen_image_edit_2511_bf16.safetensors"  # truncated download
+TE_FP8 = "qwen_2.5_vl_7b_fp8_scaled.safetensors"
+VAE = "qwen_image_vae.safetensors"
+
+
+@pytest.fixture(scope="module")
+def comfy_models(pack, tmp_path_factory) -> Path:
+    """A ComfyUI models folder of the tiny model's single files, as users keep them (plus a broken one and a stranger)."""
+    from tests import tiny_pipeline as kit
+
+    comfy_files = importlib.import_module(f"{pack.__name__}.loaders.comfy_files")
+    models = tmp_path_factory.mktemp("ComfyUI") / "models"
+    for sub in ("diffusion_models", "unet", "text_encoders", "vae"):
+        (models / sub).mkdir(parents=True)
+    pipe = kit.build_tiny_pipeline(zero_cond_t=True)
+    kit.export_comfy_transformer(pipe, models / "diffusion_models" / T_FP8, "scaled_fp8")
+    kit.export_comfy_transformer(pipe, models / "diffusion_models" / T_GGUF, "gguf_q4_0")
+    kit.export_comfy_transformer(pipe, models / "unet" / T_2509, "bf16", marker=False)
+    whole = kit.export_comfy_transformer(pipe, models / "diffusion_models" / T_BROKEN, "bf16")
+    whole.write_bytes(whole.read_bytes()[:-1000])
+    kit.export_comfy_text_encoder(pipe, models / "text_encoders" / TE_FP8, "fp8_scaled")
+    kit.export_comfy_vae(pipe, models / "vae" / VAE, to_wan_key=comfy_files.diffusers_to_wan_vae_key)
+    # Another model's file in diffusion_models (here: a VAE) is counted, not listed.
+    (models / "diffusion_models" / "flux1-dev.safetensors").write_bytes((models / "vae" / VAE).read_bytes())
+    return models
+
+
+def _by_name(report: dict, role: str) -> dict[str, dict]:
+    return {f["name"]: f for f in report["comfy_files"]["roles"][role]["files"]}
+
+
+def test_doctor_lists_the_comfyui_files_it_finds(cli, run_main, monkeypatch, comfy_models):
+    """Inside ComfyUI/custom_nodes, `doctor` lists each Qwen file with what its header says, and plans with the set."""
+    monkeypatch.setattr(cli, "REPO", comfy_models.parent / "custom_nodes" / "qwen-image-edit-diffusers")
+    code, out, _ = run_main("doctor", "--json", "--no-quantization-check")
+    assert code == 0
+    report = json.loads(out)
+    files = report["comfy_files"]
+    assert files["found"] is True and str(comfy_models) in files["source"]
+    assert files["roles"]["transformer"]["folders"] == [str(comfy_models / "diffusion_models"),
+                                                        str(comfy_models / "unet")]
+
+    transformers = _by_name(report, "transformer")
+    assert list(transformers) == [T_GGUF, T_BROKEN, T_FP8, T_2509]  # combo order: diffusion_models, then unet
+    gguf, fp8, old = transformers[T_GGUF], transformers[T_FP8], transformers[T_2509]
+    assert (gguf["storage"], gguf["variant"]) == ("GGUF Q4_0", "Edit-2511")
+    assert (fp8["storage"], fp8["variant"]) == ("scaled fp8", "Edit-2511")
+    assert (old["storage"], old["variant"]) == ("bf16", "Edit-2509")
+    assert old["stored_bytes"] == 2 * old["params"]
+    assert fp8["stored_bytes"] < 0.6 * old["stored_bytes"] and gguf["stored_bytes"] < fp8["stored_bytes"]
+    broken = transformers[T_BROKEN]
+    assert broken["ok"] is False and "truncated" in broken["reason"] and "download it again" in broken["reason"].lower()
+    assert files["roles"]["transformer"]["others"] == 1  # flux1-dev: counted, not listed
+    te, vae = _by_name(report, "text_encoder")[TE_FP8], _by_name(report, "vae")[VAE]
+    assert te["storage"] == "scaled fp8" and vae["storage"] == "bf16"
+
+    # The memory advice uses the set's real sizes: GGUF and fp8 as stored, and nothing left for bitsandbytes.
+    assert files["set"]["files"] == {"transformer": T_GGUF, "text_encoder": TE_FP8, "vae": VAE}
+    assert report["model"]["sizes_bytes"] == {"transformer": gguf["stored_bytes"], "text_encoder": te["stored_bytes"],
+                                              "vae": vae["stored_bytes"]}
+    assert T_GGUF in report["model"]["source"] and report["model"]["bitsandbytes_components"] == []
+    assert all(row["quantization"] == "none" for row in report["by_card"])
+
+
+def test_doctor_text_shows_files_and_refusals(cli, run_main, monkeypatch, comfy_models):
+    code, out, _ = run_main("doctor", "--comfyui", comfy_models.parent, "--no-quantization-check")
+    assert code == 0
+    for needle in ("ComfyUI model files", T_FP8, "scaled fp8, Edit-2511", T_GGUF, "GGUF Q4_0", T_2509,
+                   "bf16, Edit-2509", f"{T_BROKEN}: cannot be loaded:", "truncated", TE_FP8, VAE,
+                   "1 other file(s) that are not Qwen-Image-Edit diffusion models",
+                   f"Model sizes: ComfyUI files {T_GGUF} + {TE_FP8} + {VAE}"):
+        assert needle in out, needle
+    assert "Traceback" not in out
+
+
+def test_doctor_inside_comfyui_uses_its_folders(doctor, comfyui, comfy_models, tmp_path):
+    """Inside ComfyUI the folders come from folder_paths; with a bf16 text encoder only it stays bitsandbytes'."""
+    models = tmp_path / "models"
+    for sub, name in (("diffusion_models", T_FP8), ("text_encoders", TE_FP8), ("vae", VAE)):
+        (models / sub).mkdir(parents=True, exist_ok=True)
+        shutil.copy(comfy_models / sub / name, models / sub / name)
+    (models / "text_encoders" / "qwen_3_4b.safetensors").write_bytes((comfy_models / "vae" / VAE).read_bytes())
+    files = doctor.comfy_files()  # no folder given: ComfyUI's own
+    assert files["found"] and "folder_paths" in files["source"]
+    assert [f["name"] for f in files["roles"]["transformer"]["files"]] == [T_FP8]
+    wrong = {f["name"]: f for f in files["roles"]["text_encoder"]["files"]}["qwen_3_4b.safetensors"]
+    assert wrong["ok"] is False and "Wan 2.1 / Qwen-Image VAE" in wrong["reason"]  # named what it appears to be
+    fp8 = files["roles"]["transformer"]["files"][0]
+    assert files["set"]["sizes_bytes"]["transformer"] == fp8["stored_bytes"]  # ~1 byte/param, not 2
+    assert files["set"]["pre_quantized"] == ["text_encoder", "transformer"]
+    report = doctor.diagnose(check_quantization=False)
+    assert report["model"]["sizes_bytes"] == files["set"]["sizes_bytes"]
+
+
+def test_doctor_plans_bitsandbytes_only_for_bf16_files(doctor):
+    """An fp8 / GGUF file is not quantized again: only the bf16 components count for NF4 / 8-bit."""
+    sizes = {"transformer": int(20.5e9), "text_encoder": int(16.6e9), "vae": int(0.25e9)}  # fp8 + bf16 encoder
+    options = {(o["quantization"], o["offload"]): o["needed_bytes"]
+               for o in doctor.memory_options(sizes, None, quantized=("text_encoder",))}
+    saved = options[("none", "none")] - options[("nf4", "none")]
+    fraction = doctor.placement.QUANTIZED_FRACTION["nf4"]["text_encoder"]
+    assert saved == sizes["text_encoder"] - int(sizes["text_encoder"] * fraction)  # the text encoder only
+    gpu = {"device": "cuda:0", "type": "cuda", "name": "test", "free_bytes": 24 * 2**30, "bf16": True}
+    options = doctor.recommend(sizes, gpu, True, quantized=())["options"]
+    assert {o["quantization"] for o in options} == {"none"}  # nothing left to quantize: no nf4/8bit rows
+
+
+def test_doctor_without_comfyui(doctor, cli, run_main, tmp_path):
+    files = doctor.comfy_files(None)
+    assert files["found"] is False and "--comfyui" in files["detail"]
+    code, _, err = run_main("doctor", "--comfyui", tmp_path / "nowhere", "--no-quantization-check")
+    assert code == 2 and "no such folder" in err
 
 
 # -- selftest --------------------------------------------------------------------------------------

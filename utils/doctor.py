@@ -17,10 +17,20 @@ import importlib.metadata
 import logging
 import platform
 import sys
+from pathlib import Path
 from typing import Any
 
 from ..loaders import placement
+from ..loaders.pipeline import (
+    DIFFUSION_MODEL_FOLDERS,
+    TEXT_ENCODER_FOLDERS,
+    VAE_FOLDERS,
+)
 from . import comfy
+
+#: ComfyUI's model folders per component for single files: those the files loader's combos list.
+FILE_FOLDERS = {"transformer": DIFFUSION_MODEL_FOLDERS, "text_encoder": TEXT_ENCODER_FOLDERS, "vae": VAE_FOLDERS}
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 #: Qwen-Image-Edit-2511's component sizes in bfloat16 (bytes); one source, shared with the planner.
 REAL_2511_BF16_BYTES = placement.REAL_2511_BF16_BYTES
@@ -255,21 +265,148 @@ def model_sizes(model: str | None = None, precision: str = "bfloat16") -> tuple[
     return sizes, f"{folder.path} ({kind}, read from its safetensors headers, at {precision})"
 
 
-def memory_options(sizes: dict[str, int], free_bytes: int | None) -> list[dict[str, Any]]:
+# -- ComfyUI's single model files -----------------------------------------------------------------
+
+
+def comfy_file_folders(models_dir: Path | str | None = None) -> tuple[dict[str, list[Path]], str] | None:
+    """ComfyUI's folders for each component's single files, and where that knowledge came from.
+
+    Inside ComfyUI: its own `folder_paths` (extra_model_paths.yaml included). Otherwise
+    `models_dir`/diffusion_models, /unet, /text_encoders, /clip and /vae (the command line passes
+    ComfyUI/models when the pack sits in ComfyUI/custom_nodes). None when neither is known.
+    """
+    found: dict[str, list[Path]] = {}
+    if comfy.in_comfyui():
+        import folder_paths
+
+        for role, names in FILE_FOLDERS.items():
+            paths: list[Path] = []
+            for name in names:
+                try:
+                    paths += [Path(p) for p in folder_paths.get_folder_paths(name)]
+                except KeyError:
+                    continue
+            found[role] = paths
+        source = "ComfyUI's model folders (folder_paths)"
+    elif models_dir is not None:
+        found = {role: [Path(models_dir) / name for name in names] for role, names in FILE_FOLDERS.items()}
+        source = str(models_dir)
+    else:
+        return None
+    for role, paths in found.items():  # unet/clip are often the same folders as diffusion_models/text_encoders
+        unique: dict[str, Path] = {}
+        for path in paths:
+            unique.setdefault(str(path.expanduser().resolve()), path.expanduser())
+        found[role] = list(unique.values())
+    return found, source
+
+
+def _candidate_files(folders: list[Path], role: str) -> list[tuple[str, Path]]:
+    """(name as ComfyUI's combo shows it, path) of the files a loader of `role` could be given."""
+    from ..loaders.comfy_files import SUFFIXES
+
+    files: dict[str, Path] = {}
+    for folder in folders:
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.rglob("*")):
+            name = path.relative_to(folder).as_posix()
+            suffix = path.suffix.lower()
+            if not path.is_file() or any(part.startswith(".") for part in name.split("/")):
+                continue
+            if suffix in SUFFIXES[role] or (suffix in _PICKLE_SUFFIXES + (".gguf",) and "qwen" in name.lower()):
+                files.setdefault(name, path)  # the first folder wins, as in ComfyUI
+    # Qwen-named files first, as the files loader's combos list them.
+    return sorted(files.items(), key=lambda item: "qwen" not in item[0].lower())
+
+
+def inspect_comfy_file(name: str, path: Path, role: str) -> dict[str, Any]:
+    """One file as `inspect_file` reads its header; a file it refuses gets the refusal as `reason`."""
+    from ..loaders.comfy_files import inspect_file
+    from ..loaders.weights import ModelFolderError
+
+    entry: dict[str, Any] = {"name": name, "path": str(path), "ok": False}
+    try:
+        entry["file_bytes"] = path.stat().st_size
+        info = inspect_file(path, role)
+    except Exception as exc:  # noqa: BLE001 - any failure is listed with its reason, never a crash
+        message = str(exc).strip()
+        entry["reason"] = message if isinstance(exc, ModelFolderError) else f"{type(exc).__name__}: {message}"
+        return entry
+    entry.update(ok=True, storage=info.storage, params=info.params, stored_bytes=info.stored_bytes,
+                 quantized=info.quantized)
+    if role == "transformer":
+        entry.update(variant=info.variant, layers=info.num_layers)
+    return entry
+
+
+def comfy_files(models_dir: Path | str | None = None, precision: str = "bfloat16") -> dict[str, Any]:
+    """The Qwen-Image-Edit files in ComfyUI's folders, each as its header describes it, and a set to plan with.
+
+    Every loadable file of each role is listed, and any Qwen-named file that is refused (with the
+    reason); other files are only counted. The set is the first loadable file of each role in the
+    combos' order (what the files loader shows first); its sizes are what the loader plans with:
+    fp8 and GGUF as stored (they stay quantized in memory), bf16 files at `precision`.
+    """
+    located = comfy_file_folders(models_dir)
+    if located is None:
+        return {"found": False, "detail": "ComfyUI's model folders are not known here: run from ComfyUI/custom_nodes/"
+                                          "<this pack> or pass --comfyui PATH_TO_COMFYUI"}
+    folders, source = located
+    report: dict[str, Any] = {"found": True, "source": source, "roles": {}}
+    for role, paths in folders.items():
+        listed, others = [], 0
+        for name, path in _candidate_files(paths, role):
+            entry = inspect_comfy_file(name, path, role)
+            if entry["ok"] or "qwen" in name.lower():
+                listed.append(entry)
+            else:
+                others += 1
+        report["roles"][role] = {"folders": [str(p) for p in paths], "files": listed, "others": others}
+    chosen = {role: next((f for f in r["files"] if f["ok"]), None) for role, r in report["roles"].items()}
+    report["set"] = None
+    if all(chosen.values()):
+        report["set"] = _file_set({role: f for role, f in chosen.items() if f}, precision)
+    return report
+
+
+def _file_set(chosen: dict[str, dict[str, Any]], precision: str) -> dict[str, Any]:
+    """The loader's own view of three files: sizes at `precision` (quantized files as stored), variant."""
+    from ..loaders.from_files import inspect_files
+
+    names = {role: f["name"] for role, f in chosen.items()}
+    try:
+        folder, _ = inspect_files(*(Path(chosen[r]["path"]) for r in ("transformer", "text_encoder", "vae")))
+    except Exception as exc:  # noqa: BLE001 - reported, and the published sizes are used instead
+        return {"files": names, "error": str(exc)}
+    sizes = {name: folder.bytes_at(_BYTES_PER_PARAM[precision], name) for name in folder.components}
+    pre_quantized = sorted(n for n, c in folder.components.items() if c.pre_quantized)
+    return {"files": names, "sizes_bytes": sizes, "pre_quantized": pre_quantized,
+            "variant": "Edit-2511" if folder.zero_cond_t else "Edit-2509"}
+
+
+def memory_options(sizes: dict[str, int], free_bytes: int | None,
+                   quantized: tuple[str, ...] = QUANTIZED) -> list[dict[str, Any]]:
     """Every quantization x offload choice with the device memory it needs, in the planner's model."""
     rows = []
     for q in placement.QUANTIZATIONS:
+        if q != "none" and not quantized:
+            continue  # nothing left to quantize: the files already are
         for o in placement.OFFLOADS:
-            need = placement.device_bytes_needed(placement.component_bytes(sizes, q, QUANTIZED), o)
+            need = placement.device_bytes_needed(placement.component_bytes(sizes, q, quantized), o)
             fits = None if free_bytes is None else need <= int(free_bytes * placement.SAFETY)
             rows.append({"quantization": q, "offload": o, "needed_bytes": need, "fits": fits})
     return rows
 
 
-def recommend(sizes: dict[str, int], device: dict[str, Any], can_quantize: bool) -> dict[str, Any]:
-    """What the loader's `auto` picks on `device` (an `accelerators()` entry), and the alternatives."""
-    plan = placement.plan_placement(sizes, device.get("free_bytes"), device["type"], "auto", "auto", QUANTIZED,
-                                    can_quantize and device["type"] == "cuda")
+def recommend(sizes: dict[str, int], device: dict[str, Any], can_quantize: bool,
+              quantized: tuple[str, ...] = QUANTIZED) -> dict[str, Any]:
+    """What the loader's `auto` picks on `device` (an `accelerators()` entry), and the alternatives.
+
+    `quantized`: the components bitsandbytes may quantize (not those stored fp8 / GGUF already).
+    """
+    plan = placement.plan_placement(sizes, device.get("free_bytes"), device["type"], "auto", "auto", quantized,
+                                    can_quantize and device["type"] == "cuda" and bool(quantized))
     notes = []
     if device["type"] == "cuda" and not device.get("bf16"):
         notes.append("no native bf16 on this GPU: bfloat16 is emulated (slow); float16 can overflow on this model")
@@ -279,7 +416,7 @@ def recommend(sizes: dict[str, int], device: dict[str, Any], can_quantize: bool)
         "device": device["device"], "name": device.get("name"), "free_bytes": device.get("free_bytes"),
         "settings": {"precision": "bfloat16", "quantization": plan.quantization, "offload": plan.offload},
         "needed_bytes": plan.needed_bytes, "reason": plan.reason, "notes": notes,
-        "options": memory_options(sizes, device.get("free_bytes")),
+        "options": memory_options(sizes, device.get("free_bytes"), quantized),
     }
 
 
@@ -288,12 +425,13 @@ CARD_SIZES_GIB = (80, 48, 24, 16, 12, 8)
 CUDA_CONTEXT_BYTES = int(0.6 * placement.GiB)
 
 
-def settings_by_card(sizes: dict[str, int], cards_gib: tuple[int, ...] = CARD_SIZES_GIB) -> list[dict[str, Any]]:
+def settings_by_card(sizes: dict[str, int], cards_gib: tuple[int, ...] = CARD_SIZES_GIB,
+                     quantized: tuple[str, ...] = QUANTIZED) -> list[dict[str, Any]]:
     """What `auto` picks on an otherwise idle NVIDIA card of each size (with bitsandbytes working)."""
     rows = []
     for card in cards_gib:
         free = card * placement.GiB - CUDA_CONTEXT_BYTES
-        plan = placement.plan_placement(sizes, free, "cuda", "auto", "auto", QUANTIZED, True)
+        plan = placement.plan_placement(sizes, free, "cuda", "auto", "auto", quantized, bool(quantized))
         rows.append({"card_gib": card, "quantization": plan.quantization, "offload": plan.offload,
                      "needed_bytes": plan.needed_bytes})
     return rows
@@ -312,8 +450,14 @@ def cpu_recommendation(sizes: dict[str, int], cpu: dict[str, Any]) -> dict[str, 
     }
 
 
-def diagnose(model: str | None = None, precision: str = "bfloat16", check_quantization: bool = True) -> dict[str, Any]:
-    """Everything `doctor` reports, as one JSON-serialisable dict."""
+def diagnose(model: str | None = None, precision: str = "bfloat16", check_quantization: bool = True,
+             comfy_models: Path | str | None = None) -> dict[str, Any]:
+    """Everything `doctor` reports, as one JSON-serialisable dict.
+
+    `comfy_models`: ComfyUI's models folder when known from outside (inside ComfyUI its own folders
+    are used); its Qwen-Image-Edit single files are listed, and the memory advice uses their real
+    sizes when a full set is found (unless `model` names a diffusers folder to plan with).
+    """
     versions = package_versions()
     report: dict[str, Any] = {
         "versions": versions,
@@ -326,11 +470,22 @@ def diagnose(model: str | None = None, precision: str = "bfloat16", check_quanti
     report["quantization"] = (quantization_checks() if check_quantization
                               else {"installed": versions["bitsandbytes"] is not None, "results": [],
                                     "detail": "not checked (--no-quantization-check)"})
-    sizes, source = model_sizes(model, precision)
-    report["model"] = {"sizes_bytes": sizes, "source": source, "precision": precision}
+    report["comfy_files"] = comfy_files(comfy_models, precision)
+    file_set = report["comfy_files"].get("set") or {}
+    quantized = QUANTIZED
+    if model is None and "sizes_bytes" in file_set:
+        sizes = dict(file_set["sizes_bytes"])
+        files = file_set["files"]
+        source = (f"ComfyUI files {files['transformer']} + {files['text_encoder']} + {files['vae']} ({file_set['variant']}, "
+                  f"read from their headers; fp8 / GGUF as stored, the rest at {precision})")
+        quantized = tuple(c for c in QUANTIZED if c not in file_set["pre_quantized"])
+    else:
+        sizes, source = model_sizes(model, precision)
+    report["model"] = {"sizes_bytes": sizes, "source": source, "precision": precision,
+                       "bitsandbytes_components": list(quantized)}
     can_quantize = bool(report["quantization"].get("transformer"))
-    report["by_card"] = settings_by_card(sizes)
-    report["recommendations"] = [recommend(sizes, d, can_quantize) for d in report["accelerators"]
+    report["by_card"] = settings_by_card(sizes, quantized=quantized)
+    report["recommendations"] = [recommend(sizes, d, can_quantize, quantized) for d in report["accelerators"]
                                  if d["type"] in ("cuda", "xpu")]
     if not report["recommendations"]:
         report["recommendations"] = [cpu_recommendation(sizes, report["cpu"])]
@@ -382,6 +537,7 @@ def format_report(report: dict[str, Any]) -> str:
             f"bf16 {'yes' if d['bf16'] else 'no'}{extra}")
     cpu = report["cpu"]
     add(f"  cpu     {cpu['cores']} cores, {gib(cpu['free_bytes'])} RAM free of {gib(cpu['total_bytes'])}")
+    _format_comfy_files(report.get("comfy_files") or {"found": False, "detail": "not checked"}, add)
     model = report["model"]
     sizes = model["sizes_bytes"]
     add(f"Model sizes: {model['source']}")
@@ -416,3 +572,40 @@ def format_report(report: dict[str, Any]) -> str:
         add("No problems found.")
     return "\n".join(lines)
 
+
+
+_ROLE_TITLES = {"transformer": "diffusion models", "text_encoder": "text encoders", "vae": "VAEs"}
+
+
+def _size(n: int) -> str:
+    return gib(n) if n >= placement.GiB else f"{n / 2**20:.1f} MiB"
+
+
+def _params(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def _format_comfy_files(files: dict[str, Any], add: Any) -> None:
+    if not files.get("found"):
+        add(f"ComfyUI model files: {files.get('detail', 'not found')}")
+        return
+    add(f"ComfyUI model files, from {files['source']}")
+    for role, found in files["roles"].items():
+        folders = ", ".join(found["folders"]) or "none"
+        add(f"  {_ROLE_TITLES[role]} ({folders})")
+        if not found["files"]:
+            add("    no Qwen-Image-Edit file here")
+        for f in found["files"]:
+            if f["ok"]:
+                variant = f" {f['variant']}," if f.get("variant") else ""
+                add(f"    {f['name']}: {f['storage']},{variant} {_params(f['params'])} params, {_size(f['stored_bytes'])}")
+            else:
+                add(f"    {f['name']}: cannot be loaded: {f['reason']}")
+        if found["others"]:
+            add(f"    (and {found['others']} other file(s) that are not Qwen-Image-Edit {_ROLE_TITLES[role]})")
+    file_set = files.get("set")
+    if file_set is None:
+        add("  no complete set (a diffusion model, a text encoder and a VAE that all load): the advice below "
+            "uses the published bf16 sizes")
+    elif "error" in file_set:
+        add(f"  the first set ({', '.join(file_set['files'].values())}) does not load together: {file_set['error']}")
