@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..utils import comfy
+from . import compat
 from ..utils.errors import QwenEditError
 from .weights import ModelFolderError, read_safetensors_header
 
@@ -298,8 +299,6 @@ def check_matches(state_dict: dict[str, Any], modules: dict[str, Any], file_name
 
 def _load_adapter(pipe: Any, spec: LoraSpec, name: str) -> None:
     """`load_lora_weights` without reading the file twice: same conversion, same metadata, same loader."""
-    from diffusers.loaders import lora_pipeline
-
     state_dict, metadata = read_lora(pipe, spec)
     with warnings.catch_warnings():
         # PEFT warns on every adapter after the first that "multiple adapters" are present: here that is the point.
@@ -310,7 +309,7 @@ def _load_adapter(pipe: Any, spec: LoraSpec, name: str) -> None:
             adapter_name=name,
             metadata=metadata,
             _pipeline=pipe,
-            low_cpu_mem_usage=getattr(lora_pipeline, "_LOW_CPU_MEM_USAGE_DEFAULT_LORA", False),
+            low_cpu_mem_usage=compat.lora_low_cpu_mem_default(),
         )
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 from ..utils import comfy
+from . import compat
 from ..utils.errors import QwenEditError
 
 log = logging.getLogger("qwen_image_edit")
@@ -133,12 +134,6 @@ def _on_cuda(loaded: Any) -> bool:
 # -- attention -------------------------------------------------------------------------------------
 
 
-def _registry() -> Any:
-    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
-
-    return _AttentionBackendRegistry
-
-
 def _reset_attention(transformer: Any, state: _SpeedState) -> None:
     transformer.reset_attention_backend()
     state.attention = "native"
@@ -152,7 +147,7 @@ def _set_attention(transformer: Any, backend: str) -> None:
     it. Qwen-Image's processors pass their own backend to `dispatch_attention_fn`, so the default is put
     back at once and only this transformer changes.
     """
-    registry = _registry()
+    registry = compat.attention_registry()
     default = registry.get_active_backend()[0]
     try:
         transformer.set_attention_backend(backend)
@@ -189,14 +184,13 @@ def _apply_attention(loaded: Any, options: SpeedOptions, state: _SpeedState) -> 
 
 
 def _compiled_blocks(transformer: Any) -> list[Any]:
-    names = set(getattr(transformer, "_repeated_blocks", None) or ())
+    names = compat.repeated_block_names(transformer)
     return [m for m in transformer.modules() if type(m).__name__ in names]
 
 
 def _uncompile(transformer: Any, state: _SpeedState) -> None:
-    # nn.Module.compile() stores the compiled call in _compiled_call_impl; clearing it is the only undo.
     for block in _compiled_blocks(transformer):
-        block._compiled_call_impl = None
+        compat.uncompile(block)
     state.compiled = False
 
 

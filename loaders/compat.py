@@ -1,0 +1,39 @@
+"""The private diffusers / torch details the pack relies on, each in one place.
+
+Public APIs come first everywhere else; these have no public equivalent yet. `tests/test_compat.py`
+checks each against the installed libraries, so an upstream change fails a test instead of an edit.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def attention_registry() -> Any:
+    """diffusers' process-wide attention backend (get_active_backend / set_active_backend):
+    `set_attention_backend` on one model also changes it, and only this can put it back."""
+    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+
+    return _AttentionBackendRegistry
+
+
+def repeated_block_names(model: Any) -> set[str]:
+    """Class names of the blocks `compile_repeated_blocks` compiles (ModelMixin._repeated_blocks)."""
+    return set(getattr(model, "_repeated_blocks", None) or ())
+
+
+def uncompile(module: Any) -> None:
+    """Undo `nn.Module.compile()`: torch keeps the compiled call in `_compiled_call_impl`; no public undo."""
+    module._compiled_call_impl = None
+
+
+def unpack_latents(pipe: Any, latents: Any, height: int, width: int) -> Any:
+    """The pipeline's packed 2x2 latents `[B, N, C*4]` back to `[B, C, 1, H/8, W/8]` (for previews)."""
+    return type(pipe)._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+
+
+def lora_low_cpu_mem_default() -> bool:
+    """What `load_lora_weights` passes as `low_cpu_mem_usage` by default."""
+    from diffusers.loaders import lora_pipeline
+
+    return bool(getattr(lora_pipeline, "_LOW_CPU_MEM_USAGE_DEFAULT_LORA", False))

@@ -1,0 +1,60 @@
+"""Each private diffusers / torch detail in loaders/compat.py, checked against the installed libraries.
+
+When one of these fails after an upgrade, the pack's use of that detail must change with it.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def compat(pack):
+    return importlib.import_module(f"{pack.__name__}.loaders.compat")
+
+
+def test_attention_registry_reads_and_sets_the_process_default(compat):
+    registry = compat.attention_registry()
+    default = registry.get_active_backend()[0]
+    registry.set_active_backend(default)
+    assert registry.get_active_backend()[0] == default
+
+
+def test_repeated_blocks_name_the_transformer_block(compat):
+    from tests.tiny_pipeline import build_tiny_transformer
+
+    transformer = build_tiny_transformer()
+    names = compat.repeated_block_names(transformer)
+    assert names and {type(b).__name__ for b in transformer.transformer_blocks} <= names
+
+
+def test_uncompile_puts_the_plain_forward_back(compat):
+    layer = torch.nn.Linear(4, 4)
+    layer.compile(backend="eager")
+    assert layer._compiled_call_impl is not None
+    compat.uncompile(layer)
+    x = torch.randn(2, 4)
+    assert layer._compiled_call_impl is None and torch.equal(layer(x), layer.forward(x))
+
+
+def test_unpack_latents_inverts_the_pipelines_packing(compat):
+    from diffusers import QwenImageEditPlusPipeline
+
+    class Pipe:
+        vae_scale_factor = 8
+
+    Pipe._unpack_latents = QwenImageEditPlusPipeline._unpack_latents
+    latents = torch.randn(1, 16, 8, 12)
+    packed = QwenImageEditPlusPipeline._pack_latents(latents, 1, 16, 8, 12)
+    unpacked = compat.unpack_latents(Pipe(), packed, 64, 96)
+    assert unpacked.shape == (1, 16, 1, 8, 12) and torch.equal(unpacked[:, :, 0], latents)
+
+
+def test_lora_loading_default_is_a_bool(compat):
+    from diffusers.loaders import lora_pipeline
+
+    assert hasattr(lora_pipeline, "_LOW_CPU_MEM_USAGE_DEFAULT_LORA")
+    assert isinstance(compat.lora_low_cpu_mem_default(), bool)
