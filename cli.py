@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parent
 #: test suite uses the same one, so in-process tests and the command line share one pipeline cache.
 PACK_NAME = "qwen_edit_pack"
 LOADER_NODE = "QwenImageEditLoader"
+FILES_LOADER_NODE = "QwenImageEditFilesLoader"
 SAMPLER_NODE = "QwenImageEditSampler"
 SELFTEST_PROMPT = "Make the sky purple"
 
@@ -203,6 +204,12 @@ def build_parser(pack: types.ModuleType) -> argparse.ArgumentParser:
         "device": {"choices": None, "type": _device_type(loader_node), "metavar": "DEVICE",
                    "help": _help(node_inputs(loader_node)["device"][1])},
     })
+    files = edit.add_argument_group(
+        "ComfyUI model files (instead of a diffusers folder: give --model the diffusion model file)")
+    files.add_argument("--text-encoder", type=Path, metavar="PATH",
+                       help="the Qwen2.5-VL text encoder file, e.g. models/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors")
+    files.add_argument("--vae", type=Path, metavar="PATH",
+                       help="the Qwen-Image VAE file, e.g. models/vae/qwen_image_vae.safetensors")
     sample = edit.add_argument_group("edit (the sampler node's settings)")
     add_node_options(sample, sampler_node, overrides={"prompt": {"required": True, "default": None}})
 
@@ -304,14 +311,16 @@ def save_images(images: Any, output: Path, prompt: dict | None = None) -> list[P
     return paths
 
 
-def api_prompt(loader_kwargs: dict[str, Any], sampler_kwargs: dict[str, Any], image_names: dict[str, str]) -> dict:
+def api_prompt(loader_kwargs: dict[str, Any], sampler_kwargs: dict[str, Any], image_names: dict[str, str],
+               loader_node: str = LOADER_NODE) -> dict:
     """The API-format prompt (`POST /prompt`) of what `edit` ran: LoadImage(s) -> loader -> sampler -> SaveImage."""
     prompt: dict[str, dict] = {}
     for index, filename in enumerate(image_names.values(), start=1):
         prompt[str(index)] = {"inputs": {"image": filename}, "class_type": "LoadImage",
                               "_meta": {"title": f"Picture {index}"}}
-    prompt["10"] = {"inputs": dict(loader_kwargs), "class_type": LOADER_NODE,
-                    "_meta": {"title": "Load Qwen-Image-Edit (diffusers)"}}
+    title = "Load Qwen-Image-Edit (ComfyUI files)" if loader_node == FILES_LOADER_NODE else \
+        "Load Qwen-Image-Edit (diffusers)"
+    prompt["10"] = {"inputs": dict(loader_kwargs), "class_type": loader_node, "_meta": {"title": title}}
     inputs: dict[str, Any] = {"pipe": ["10", 0]}
     for index, name in enumerate(image_names, start=1):
         inputs[name] = [str(index), 0]
@@ -406,10 +415,10 @@ def ctrl_c_cancels(bridge: types.ModuleType) -> Iterator[None]:
         bridge.clear_cancel()
 
 
-def _load(pack: types.ModuleType, loader_kwargs: dict[str, Any]) -> tuple[Any, Any]:
+def _load(pack: types.ModuleType, loader_kwargs: dict[str, Any], node_name: str = LOADER_NODE) -> tuple[Any, Any]:
     """Run the loader node; return its PipeHandle and the loaded pipeline's record."""
     loader = submodule(pack, "loaders.pipeline")
-    node = pack.NODE_CLASS_MAPPINGS[LOADER_NODE]()
+    node = pack.NODE_CLASS_MAPPINGS[node_name]()
     (handle,) = node.load(**loader_kwargs)
     return handle, loader.current_pipeline()
 
@@ -421,7 +430,17 @@ def cmd_edit(pack: types.ModuleType, args: argparse.Namespace) -> int:
     sampling = submodule(pack, "utils.sampling")
 
     loader_kwargs = {name: getattr(args, name) for name in node_defaults(loader_node)}
-    loader_kwargs["model"] = resolve_model(loader_kwargs["model"])
+    node_name = LOADER_NODE
+    if args.text_encoder or args.vae:
+        if not (args.text_encoder and args.vae):
+            raise CliError("ComfyUI model files need all three: --model (the diffusion model file), --text-encoder "
+                           "and --vae.")
+        node_name = FILES_LOADER_NODE
+        loader_kwargs = {"diffusion_model": str(Path(loader_kwargs.pop("model")).expanduser().resolve()),
+                         "text_encoder": str(args.text_encoder.expanduser().resolve()),
+                         "vae": str(args.vae.expanduser().resolve()), **loader_kwargs}
+    else:
+        loader_kwargs["model"] = resolve_model(loader_kwargs["model"])
     sampler_kwargs = {name: getattr(args, name) for name in node_defaults(sampler_node)}
     image_args = {name: getattr(args, name) for name, (kind, _) in node_inputs(sampler_node).items()
                   if kind == "IMAGE" and getattr(args, name) is not None}
@@ -432,7 +451,7 @@ def cmd_edit(pack: types.ModuleType, args: argparse.Namespace) -> int:
     probe = sampling.EditRequest(**{k: v for k, v in sampler_kwargs.items() if k in fields})
     sampling.validate(probe, [images.get("image"), images.get("image2"), images.get("image3")])
 
-    handle, _ = _load(pack, loader_kwargs)  # the loader logs where it loads and why
+    handle, _ = _load(pack, loader_kwargs, node_name)  # the loader logs where it loads and why
 
     bar = ProgressBar("Editing")
     start = time.perf_counter()
@@ -442,7 +461,7 @@ def cmd_edit(pack: types.ModuleType, args: argparse.Namespace) -> int:
     finally:
         bar.close()
     seconds = time.perf_counter() - start
-    prompt = api_prompt(loader_kwargs, sampler_kwargs, {n: p.name for n, p in image_args.items()})
+    prompt = api_prompt(loader_kwargs, sampler_kwargs, {n: p.name for n, p in image_args.items()}, node_name)
     paths = save_images(result, args.output, prompt)
     print(f"Edited in {seconds:.1f} s: {result.shape[2]}x{result.shape[1]}", file=sys.stderr)
     for path in paths:
@@ -566,17 +585,15 @@ def main(argv: list[str] | None = None) -> int:
     pack = load_pack()
     args = build_parser(pack).parse_args(argv)
     _setup_logging()
-    loader = submodule(pack, "loaders.pipeline")
-    weights = submodule(pack, "loaders.weights")
-    sampling = submodule(pack, "utils.sampling")
+    errors = submodule(pack, "utils.errors")
     bridge = submodule(pack, "utils.comfy")
     try:
         return COMMANDS[args.command](pack, args)
     except CliError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (loader.LoadError, sampling.EditError, weights.ModelFolderError) as exc:
-        # The pack's own errors already say what is wrong and what to do.
+    except errors.QwenEditError as exc:
+        # The pack's own errors (all under one root) already say what is wrong and what to do.
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except bridge.Cancelled:

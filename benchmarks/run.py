@@ -201,7 +201,7 @@ def fig_overhead(cfg: dict, tiny: Tiny) -> dict[str, Any]:
             QwenImageEditPlusPipeline.__call__ = pipeline_call
 
     def direct() -> Any:
-        out = plain(image=[pil], generator=torch.Generator("cpu").manual_seed(seed), **direct_kwargs).images
+        out = plain(image=[pil], generator=torch.Generator("cpu").manual_seed(seed), **direct_kwargs).images  # noqa: F821 - deleted only after the last call
         return out.permute(0, 2, 3, 1)
 
     cpu_times: dict[Any, list[float]] = {node: [], direct: []}

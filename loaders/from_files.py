@@ -54,8 +54,11 @@ class ConfigSource:
 
 
 def config_download_command() -> str:
-    target = (comfy.diffusers_model_dirs() or [Path("ComfyUI/models/diffusers").resolve()])[0] / "Qwen-Image-Edit-2511"
-    return f'hf download Qwen/Qwen-Image-Edit-2511 --exclude "*.safetensors" --local-dir "{target}"'
+    """The one download that supplies the configs and tokenizer, to where the loader looks for them:
+    ComfyUI's models/diffusers inside ComfyUI, the Hugging Face cache elsewhere."""
+    dirs = comfy.diffusers_model_dirs()
+    target = f' --local-dir "{dirs[0] / "Qwen-Image-Edit-2511"}"' if dirs else ""
+    return f'hf download Qwen/Qwen-Image-Edit-2511 --exclude "*.safetensors"{target}'
 
 
 def _is_config_folder(path: Path) -> bool:

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from ..utils import comfy
-from . import compat
 from ..utils.errors import QwenEditError
+from . import compat
 from .weights import ModelFolderError, read_safetensors_header
 
 log = logging.getLogger("qwen_image_edit")

@@ -120,6 +120,11 @@ _lock = threading.RLock()
 _loaded: LoadedPipeline | None = None
 
 
+def pipeline_lock() -> threading.RLock:
+    """Held for a whole edit (`loaders.edit`) and around every load and release."""
+    return _lock
+
+
 def current_pipeline() -> LoadedPipeline | None:
     return _loaded
 

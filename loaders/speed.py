@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, TypeVar
 
 from ..utils import comfy
-from . import compat
 from ..utils.errors import QwenEditError
+from . import compat
 
 log = logging.getLogger("qwen_image_edit")
 

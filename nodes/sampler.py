@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from ..loaders import lora
+from ..loaders import edit
 from ..loaders import pipeline as loader
-from ..loaders import speed
 from ..utils import sampling
 from .loader import PIPE_TYPE
 
@@ -78,18 +77,7 @@ class QwenImageEditSampler:
              image2: torch.Tensor | None = None, image3: torch.Tensor | None = None) -> tuple[torch.Tensor]:
         req = sampling.EditRequest(prompt, negative_prompt, seed, steps, true_cfg_scale, size_mode, width, height,
                                    images_per_prompt)
-        images = [image, image2, image3]
-        sampling.validate(req, images)
-        loaded = loader.get_pipeline(pipe.settings)
-        applied = lora.apply_loras(loaded, pipe.loras)
-        req = sampling.with_lightning_defaults(req, applied.lightning_steps)
-        speed.apply_speed(loaded, getattr(pipe, "speed", None))
-        names = tuple(spec.name for spec in pipe.loras if spec.strength != 0)
-
-        def run() -> torch.Tensor:
-            return sampling.run_edit(loaded, req, images, lora_names=names)
-
-        return (loader.run_on(loaded, lambda: speed.run_with_fallback(loaded, run)),)
+        return (edit.edit(pipe, req, [image, image2, image3]),)
 
 
 NODE_CLASS_MAPPINGS = {"QwenImageEditSampler": QwenImageEditSampler}

@@ -26,6 +26,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tests.test_comfy_files import exported  # noqa: F401 - the exported ComfyUI files fixture
+
 REPO = Path(__file__).resolve().parent.parent
 CLI = REPO / "cli.py"
 
@@ -176,7 +178,7 @@ def _saveimage_uint8(images) -> np.ndarray:
 
 
 def test_edit_gives_what_the_nodes_give(cli, pack, run_main, tiny_2511_dir, inputs, tmp_path):
-    sampling = importlib.import_module(f"{pack.__name__}.utils.sampling")
+    sampling = importlib.import_module(f"{pack.__name__}.loaders.edit")
     run_edit = sampling.run_edit
     out = tmp_path / "result" / "edited.png"
     code, stdout, stderr = run_main(
@@ -565,3 +567,40 @@ def test_readme_commands_parse(cli, pack):
             parser.parse_args(argv)
         except SystemExit as exc:  # pragma: no cover - the message is the point
             pytest.fail(f"README command does not parse: {command} (exit {exc.code})")
+
+
+def test_a_bad_image_gets_one_line_not_a_traceback(run_main, tiny_2511_dir, tmp_path):
+    from tests.tiny_pipeline import make_test_image
+
+    tiny = tmp_path / "tiny.png"
+    make_test_image(4, 4).save(tiny)
+    code, stdout, stderr = run_main("edit", "--image", tiny, "--prompt", "Make the sky purple",
+                                    "--output", tmp_path / "out.png", "--model", tiny_2511_dir, "--steps", 2)
+    assert code == 1 and stdout == ""
+    assert "Traceback" not in stderr and stderr.strip().startswith("error: ") and "4" in stderr
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_edit_with_comfyui_files_takes_configs_from_the_hf_cache(run_main, exported, tiny_2511_dir, inputs, tmp_path):
+    """Outside ComfyUI the files' configs and tokenizer come from the HF cache (`hf download --exclude`)."""
+    from tests.tiny_pipeline import save_config_folder
+
+    repo = Path(os.environ["HF_HUB_CACHE"]) / "models--Qwen--Qwen-Image-Edit-2511"
+    args = ("edit", "--image", inputs["image"], "--prompt", "Make the sky purple", "--output", tmp_path / "out.png",
+            "--model", exported / "diffusion_models" / "tiny_2511_scaled_fp8.safetensors",
+            "--text-encoder", exported / "text_encoders" / "tiny_te_fp8_scaled.safetensors",
+            "--vae", exported / "vae" / "tiny_vae.safetensors", "--steps", 2, "--size-mode", "match")
+    code, _, stderr = run_main(*args)
+    assert code == 1 and 'hf download Qwen/Qwen-Image-Edit-2511 --exclude "*.safetensors"' in stderr
+    assert "--local-dir" not in stderr and "Traceback" not in stderr
+    try:
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text("0" * 40)
+        save_config_folder(tiny_2511_dir, repo / "snapshots" / ("0" * 40))
+        code, stdout, stderr = run_main(*args)
+        assert code == 0, stderr
+        assert Path(stdout.strip()).is_file()
+        prompt = json.loads(Image.open(stdout.strip()).text["prompt"])
+        assert prompt["10"]["class_type"] == "QwenImageEditFilesLoader"
+    finally:
+        shutil.rmtree(repo, ignore_errors=True)

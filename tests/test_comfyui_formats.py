@@ -19,9 +19,8 @@ loads each file the way its loader nodes do:
 * GGUF Q8_0 / Q4_0: ComfyUI itself cannot read GGUF; city96's ComfyUI-GGUF pack does
   (``loader.gguf_sd_loader`` + ``comfy.sd.load_diffusion_model_state_dict`` with its ``GGMLOps``, as
   its UnetLoaderGGUF node). Skipped unless that pack is in ``COMFYUI_PATH/custom_nodes`` (or at
-  ``COMFYUI_GGUF_PATH``). The kit's GGUF files are refused for their 2511 marker alone (see
-  GGUF_MARKER_BUG, an xfail until the exporter writes it with 0 elements); the same files with only
-  the marker rewritten load and match;
+  ``COMFYUI_GGUF_PATH``). (This test found that the kit wrote the GGUF 2511 marker with one element
+  where ComfyUI's buffer has none; the ``_empty_marker`` copies rewrite it and must load the same);
 * VAE: ``comfy.sd.VAE(sd=comfy.utils.load_torch_file(path))`` (VAELoader);
 * text encoder (bf16, fp8_scaled): ``comfy.sd.load_clip(..., clip_type=CLIPType.QWEN_IMAGE)``
   (CLIPLoader, type qwen_image). The only help it gets is ComfyUI's own per-model config override,
@@ -94,13 +93,6 @@ TRANSFORMERS: dict[str, tuple[str, dict[str, Any], str]] = {
     "gguf_q8_0_empty_marker": ("gguf_q8_0", {"empty_marker": True}, ".gguf"),
     "gguf_q4_0_empty_marker": ("gguf_q4_0", {"empty_marker": True}, ".gguf"),
 }
-#: Why the kit's GGUF files fail in ComfyUI (an xfail while tests/tiny_pipeline.py writes them so).
-GGUF_MARKER_BUG = (
-    "export_comfy_transformer writes the GGUF Edit-2511 marker as torch.zeros(1), but ComfyUI's QwenImage "
-    "registers __index_timestep_zero__ as an empty buffer (torch.tensor([])), so load_state_dict refuses it: "
-    "'size mismatch for __index_timestep_zero__: copying a param with shape torch.Size([1]) from checkpoint, "
-    "the shape in current model is torch.Size([0])'. GGUF stores 0-element tensors; the *_empty_marker "
-    "variants (the same files with a 0-element marker) load.")
 TEXT_ENCODERS = ("bf16", "fp8_scaled")
 #: Tensors compared whole (the rest by fingerprint): linears (quantized in the quantized formats) and others.
 TRANSFORMER_DUMPS = ("transformer_blocks.0.attn.to_q.weight", "transformer_blocks.0.img_mlp.net.2.weight",
@@ -529,8 +521,6 @@ def test_comfyuis_diffusion_model_loader_accepts_the_transformer(comfy, name) ->
     if suffix == ".gguf" and comfy["gguf_pack"] is None:
         pytest.skip("ComfyUI itself has no GGUF reader (comfy.utils.load_torch_file reads safetensors and torch "
                     "pickles only); put city96's ComfyUI-GGUF in COMFYUI_PATH/custom_nodes or set COMFYUI_GGUF_PATH")
-    if suffix == ".gguf" and f"size mismatch for {MARKER}" in (comfy["answers"][f"transformer_{name}"]["error"] or ""):
-        pytest.xfail(GGUF_MARKER_BUG)
     answer = _answer(comfy, f"transformer_{name}")
     info = answer["info"]
     assert info["is_qwen_image"] and info["class"] == "QwenImage", info

@@ -15,10 +15,10 @@ import ast
 import io
 import re
 import tokenize
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 

@@ -7,7 +7,6 @@ import importlib
 import pytest
 
 
-
 @pytest.fixture
 def P(pack):
     return importlib.import_module(f"{pack.__name__}.loaders.placement")

@@ -578,7 +578,7 @@ def export_comfy_transformer(pipe: QwenImageEditPlusPipeline, path: str | pathli
     linears = _linear_weight_keys(model)
     if fmt.startswith("gguf_"):
         if marker:
-            state["__index_timestep_zero__"] = torch.zeros(1)
+            state["__index_timestep_zero__"] = torch.zeros(0)  # ComfyUI registers it as an empty buffer
         _write_gguf(path, state, linears, fmt.split("_", 1)[1].upper())
         return path
     state = _fp8_state_dict(state, linears, fmt) if fmt != "bf16" else {k: v.to(torch.bfloat16) for k, v in state.items()}

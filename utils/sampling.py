@@ -1,9 +1,9 @@
-"""One edit: ComfyUI IMAGE tensors in, the pipeline called as the model card calls it, IMAGE out.
+"""The pure half of an edit: the request, its checks, the output size and the pipeline's arguments.
 
-Everything the node adds to a plain `QwenImageEditPlusPipeline` call is here and visible: input
-checks, the output size, a CPU generator per batch item, progress, cancel and previews. The
-arguments passed to the pipeline are built by `pipeline_kwargs`, which tests call to compare the
-node against a direct pipeline call.
+Everything the node adds to a plain `QwenImageEditPlusPipeline` call is decided here, without a model:
+input checks, the output size and a CPU generator per batch item. `pipeline_kwargs` builds the exact
+arguments, which tests use to compare the node against a direct pipeline call. Running the edit
+(progress, cancel, previews, NaN checks) is `loaders.edit`.
 """
 
 from __future__ import annotations
@@ -12,15 +12,13 @@ import dataclasses
 import logging
 import math
 import re
-import traceback
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
-from . import comfy
 from .errors import QwenEditError
-from .image import pipeline_reference_size, tensor_to_pil, validate_image
+from .image import validate_image
 
 log = logging.getLogger("qwen_image_edit")
 
@@ -203,89 +201,3 @@ def nonfinite_message(precision: str, lora_names: tuple[str, ...]) -> str:
     causes.append("damaged weights: check the model files (doctor) or download them again")
     return ("The edit produced NaN/infinite values, which would be saved as a black image, so it was stopped. "
             "Likely cause: " + "; or ".join(causes) + ".")
-
-
-def _item(images: torch.Tensor, index: int) -> torch.Tensor:
-    if images.ndim == 3:
-        return images
-    return images[index if images.shape[0] > 1 else 0]
-
-
-def _resize(images: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """[N,3,H,W] to an exact size with antialiased bicubic, values kept in 0..1."""
-    resized = torch.nn.functional.interpolate(images, size=(height, width), mode="bicubic", antialias=True,
-                                              align_corners=False)
-    return resized.clamp(0, 1)
-
-
-def _oom_message(device: str, width: int, height: int, placement: Any) -> str:
-    return (
-        f"Out of memory on {device} while editing at {width}x{height} (quantization={placement.quantization}, "
-        f"offload={placement.offload}). Edit at ~1 MP (size_mode 'auto' or the Image Scale node), or in the "
-        "loader choose quantization 'nf4' and offload 'model' (16-24 GB cards) or 'group' (8-12 GB cards)."
-    )
-
-
-def run_edit(
-    loaded: Any,
-    req: EditRequest,
-    images: list[torch.Tensor | None],
-    printer: Callable[[int, int], None] | None = None,
-    lora_names: tuple[str, ...] = (),
-) -> torch.Tensor:
-    """Run the edit on a loaded pipeline; returns IMAGE `[B*images_per_prompt, H, W, 3]` float32 on CPU.
-
-    Batch item b uses seed + b, so any single item can be reproduced alone. Cancelling raises
-    ComfyUI's InterruptProcessingException (or `comfy.Cancelled` outside ComfyUI) from the step
-    callback, which stops at once without the VAE decode and leaves the pipeline reusable.
-    """
-    present = validate(req, images)
-    pipe = loaded.pipe
-    batch = max(img.shape[0] if img.ndim == 4 else 1 for img in present)
-    first = present[0]
-    width, height, exact = output_size(req, first.shape[-2], first.shape[-3])
-    if req.size_mode == "match" and pipeline_reference_size(first.shape[-2], first.shape[-3]) != (first.shape[-2], first.shape[-3]):
-        ref_w, ref_h = pipeline_reference_size(first.shape[-2], first.shape[-3])
-        log.warning(
-            "Qwen-Image-Edit: the pipeline re-encodes this %dx%d image at %dx%d, so the edit may drift slightly "
-            "against it. For an exact overlay scale it first with 'Qwen-Image-Edit Image Scale' at 1.0 megapixels.",
-            first.shape[-2], first.shape[-3], ref_w, ref_h,
-        )
-    check_prompt_length(pipe.tokenizer, req, len(present), width, height)
-    progress = comfy.Progress(batch * req.steps, printer)
-    previewer = comfy.latent_previewer(loaded.device, pipe.vae.config.z_dim)
-
-    outputs = []
-    for b in range(batch):
-        comfy.throw_if_interrupted()
-        pil = [tensor_to_pil(_item(img, b))[0] for img in present]
-        offset = b * req.steps
-
-        def on_step(_pipe: Any, i: int, _t: Any, kwargs: dict, offset: int = offset) -> dict:
-            if not torch.isfinite(kwargs["latents"]).all():
-                raise EditError(nonfinite_message(loaded.settings.precision, lora_names))
-            preview = None
-            if previewer is not None:
-                unpacked = _pipe._unpack_latents(kwargs["latents"], height, width, _pipe.vae_scale_factor)
-                preview = previewer(unpacked.float())
-            progress.update(offset + i + 1, preview)
-            comfy.throw_if_interrupted()
-            return {}
-
-        kwargs = pipeline_kwargs(req, pil, width, height, req.seed + b)
-        try:
-            result = pipe(**kwargs, callback_on_step_end=on_step).images
-        except torch.OutOfMemoryError as exc:
-            traceback.clear_frames(exc.__traceback__)
-            comfy.empty_cache()
-            raise EditError(_oom_message(loaded.device, width, height, loaded.placement)) from None
-        except BaseException as exc:
-            traceback.clear_frames(exc.__traceback__)
-            raise
-        result = result.float()
-        if not torch.isfinite(result).all():  # the VAE decode itself can overflow in float16
-            raise EditError(nonfinite_message(loaded.settings.precision, lora_names))
-        if exact is not None:
-            result = _resize(result, *exact)
-        outputs.append(result.permute(0, 2, 3, 1).cpu())
-    return torch.cat(outputs).contiguous()
