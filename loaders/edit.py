@@ -127,6 +127,8 @@ def run_edit(
             raise EditError(_oom_message(loaded.device, width, height, loaded.placement)) from None
         except BaseException as exc:
             traceback.clear_frames(exc.__traceback__)
+            # A cancel or failure skips the pipeline's own cleanup: put offloaded components back on the CPU.
+            pipe.maybe_free_model_hooks()
             raise
         result = result.float()
         if not torch.isfinite(result).all():  # the VAE decode itself can overflow in float16

@@ -286,3 +286,26 @@ def test_every_error_the_pack_raises_has_one_root(pack, S):
         image.validate_image(torch.full((1, 8, 8, 3), float("nan")), "image")
     with pytest.raises(errors.QwenEditError):
         S.validate(S.EditRequest("make it red"), [torch.zeros(1, 8, 8, 3, dtype=torch.int64)])
+
+
+def test_a_cancelled_edit_puts_offloaded_components_back(L, pack, sampler, tiny_2511_dir, monkeypatch):
+    """The pipeline's own maybe_free_model_hooks runs only after a finished call; a cancel must run it too."""
+    bridge = importlib.import_module(f"{pack.__name__}.utils.comfy")
+    handle = _load(L, tiny_2511_dir)
+    pipe = L.current_pipeline().pipe
+    calls = []
+    real = type(pipe).maybe_free_model_hooks
+    monkeypatch.setattr(type(pipe), "maybe_free_model_hooks", lambda self: (calls.append(1), real(self))[1])
+    forward = pipe.transformer.forward
+
+    def cancel_during_the_first_step(*args, **kwargs):
+        bridge.request_cancel()  # as the Cancel button does mid-run; the step callback raises
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(pipe.transformer, "forward", cancel_during_the_first_step)
+    with pytest.raises(bridge.Cancelled):
+        edit(sampler, handle, image())
+    monkeypatch.setattr(pipe.transformer, "forward", forward)
+    assert calls == [1] and L.current_pipeline() is not None
+    assert torch.isfinite(edit(sampler, handle, image())).all()
+    L.release_pipeline()
