@@ -30,12 +30,15 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..utils import comfy
 from ..utils.errors import QwenEditError
 from . import compat
 from .weights import ModelFolderError, read_safetensors_header
+
+if TYPE_CHECKING:
+    from .pipeline import LoadedPipeline
 
 log = logging.getLogger("qwen_image_edit")
 
@@ -110,8 +113,8 @@ class AppliedLoras:
 
 
 @dataclass
-class _LoraState:
-    """Kept in `LoadedPipeline.state["lora"]`: what the pipeline's transformer carries right now."""
+class LoraState:
+    """Kept in `LoadedPipeline.lora`: what the pipeline's transformer carries right now."""
 
     loaded: dict[str, LoraSpec] = field(default_factory=dict)  # adapter name -> spec it was loaded from
     active: tuple[tuple[str, float], ...] = ()
@@ -196,11 +199,10 @@ def adapter_name(path: str, identity: str) -> str:
 # -- applying to a pipeline ------------------------------------------------------------------------
 
 
-def _state(loaded: Any) -> _LoraState:
-    state = loaded.state.get("lora")
-    if state is None:
-        state = loaded.state["lora"] = _LoraState()
-    return state
+def _state(loaded: LoadedPipeline) -> LoraState:
+    if loaded.lora is None:
+        loaded.lora = LoraState()
+    return loaded.lora
 
 
 def _wanted(loras: Sequence[LoraSpec]) -> dict[str, tuple[LoraSpec, float]]:
@@ -319,7 +321,7 @@ def _has_peft_layers(transformer: Any) -> bool:
     )
 
 
-def _activate(pipe: Any, state: _LoraState, active: tuple[tuple[str, float], ...]) -> None:
+def _activate(pipe: Any, state: LoraState, active: tuple[tuple[str, float], ...]) -> None:
     if active:
         pipe.set_adapters([n for n, _ in active], [w for _, w in active])
     elif state.loaded or _has_peft_layers(pipe.transformer):

@@ -14,15 +14,19 @@ import re
 import threading
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from ..utils import comfy
 from ..utils.errors import QwenEditError
 from . import from_files
 from .placement import Placement, plan_placement
 from .weights import ModelFolder, ModelFolderError, inspect_model_folder
+
+if TYPE_CHECKING:  # lora and speed import this module
+    from .lora import LoraSpec, LoraState
+    from .speed import SpeedOptions, SpeedState
 
 log = logging.getLogger("qwen_image_edit")
 T = TypeVar("T")
@@ -89,15 +93,12 @@ def device_problem(device: Any) -> str | None:
 
 @dataclass(frozen=True)
 class PipeHandle:
-    """What flows along a QWEN_IMAGE_EDIT_PIPE link: the load settings plus the LoRAs to apply.
-
-    `loras` is a tuple of `loaders.lora.LoraSpec` in chain order; `speed` a `loaders.speed.SpeedOptions`
-    or None (all off). The sampler applies both to the cached pipeline just before each edit.
-    """
+    """What flows along a QWEN_IMAGE_EDIT_PIPE link: the load settings plus the LoRAs to apply (in chain
+    order) and the speed options (None: all off). `loaders.edit` applies both just before each edit."""
 
     settings: LoadSettings
-    loras: tuple = ()
-    speed: Any = None
+    loras: tuple[LoraSpec, ...] = ()
+    speed: SpeedOptions | None = None
 
 
 @dataclass
@@ -108,7 +109,8 @@ class LoadedPipeline:
     device: str
     placement: Placement
     load_seconds: float
-    state: dict = field(default_factory=dict)
+    lora: LoraState | None = None  # the adapters the transformer carries now (loaders.lora)
+    speed: SpeedState | None = None  # the speed options applied now (loaders.speed)
     edits_done: int = 0
 
     @property

@@ -27,11 +27,14 @@ import math
 import os
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from ..utils import comfy
 from ..utils.errors import QwenEditError
 from . import compat
+
+if TYPE_CHECKING:
+    from .pipeline import LoadedPipeline
 
 log = logging.getLogger("qwen_image_edit")
 
@@ -103,8 +106,8 @@ OFF = SpeedOptions()
 
 
 @dataclass
-class _SpeedState:
-    """Kept in `LoadedPipeline.state["speed"]`: what is applied to the transformer now."""
+class SpeedState:
+    """Kept in `LoadedPipeline.speed`: what is applied to the transformer now."""
 
     attention: str = "native"        # diffusers backend id in effect on the transformer's processors
     attention_asked: str = "native"  # what was asked (differs after a fallback; not retried every run)
@@ -120,11 +123,10 @@ def installed_attention_backends() -> list[str]:
             if bid == "native" or importlib.util.find_spec(_PACKAGES[bid]) is not None]
 
 
-def _state(loaded: Any) -> _SpeedState:
-    state = loaded.state.get("speed")
-    if state is None:
-        state = loaded.state["speed"] = _SpeedState()
-    return state
+def _state(loaded: LoadedPipeline) -> SpeedState:
+    if loaded.speed is None:
+        loaded.speed = SpeedState()
+    return loaded.speed
 
 
 def _on_cuda(loaded: Any) -> bool:
@@ -134,7 +136,7 @@ def _on_cuda(loaded: Any) -> bool:
 # -- attention -------------------------------------------------------------------------------------
 
 
-def _reset_attention(transformer: Any, state: _SpeedState) -> None:
+def _reset_attention(transformer: Any, state: SpeedState) -> None:
     transformer.reset_attention_backend()
     state.attention = "native"
 
@@ -155,7 +157,7 @@ def _set_attention(transformer: Any, backend: str) -> None:
         registry.set_active_backend(default)
 
 
-def _apply_attention(loaded: Any, options: SpeedOptions, state: _SpeedState) -> None:
+def _apply_attention(loaded: Any, options: SpeedOptions, state: SpeedState) -> None:
     asked = options.backend_id
     if asked == state.attention_asked:
         return
@@ -188,7 +190,7 @@ def _compiled_blocks(transformer: Any) -> list[Any]:
     return [m for m in transformer.modules() if type(m).__name__ in names]
 
 
-def _uncompile(transformer: Any, state: _SpeedState) -> None:
+def _uncompile(transformer: Any, state: SpeedState) -> None:
     for block in _compiled_blocks(transformer):
         compat.uncompile(block)
     state.compiled = False
@@ -209,7 +211,7 @@ def _compile_unsupported_reason(loaded: Any) -> str:
     return ""
 
 
-def _apply_compile(loaded: Any, options: SpeedOptions, state: _SpeedState) -> None:
+def _apply_compile(loaded: Any, options: SpeedOptions, state: SpeedState) -> None:
     if options.compile == state.compile_asked:
         return
     transformer = loaded.pipe.transformer
@@ -251,7 +253,7 @@ def cache_config(options: SpeedOptions, dtype: Any = None) -> Any:
     return None
 
 
-def _apply_cache(loaded: Any, options: SpeedOptions, state: _SpeedState) -> None:
+def _apply_cache(loaded: Any, options: SpeedOptions, state: SpeedState) -> None:
     if options.cache_key == state.cache_key:
         return
     transformer = loaded.pipe.transformer
