@@ -195,21 +195,24 @@ def inspect_file(path: Path | str, role: str) -> ComfyFile:
 
 
 def _check_comfy_quant_formats(path: Path, entries: dict, metadata: dict) -> None:
-    """Only fp8 e4m3fn / e5m2 with a per-tensor scale is understood; NVFP4, MXFP8, int8 ... are refused."""
-    formats = set()
+    """Only fp8 (e4m3fn / e5m2) with one scale per tensor is understood; NVFP4, MXFP8, int8 ... are refused."""
+    formats: set[str] = set()
     raw = metadata.get("_quantization_metadata")
-    if raw:
-        try:
-            formats |= {layer.get("format") for layer in json.loads(raw).get("layers", {}).values()}
-        except (json.JSONDecodeError, AttributeError):
-            raise ModelFolderError(f"{path} has corrupt quantization metadata. Download it again.") from None
-    for key in entries:
-        if key.endswith(".comfy_quant"):
-            formats.add(None)  # read from the tensor at load time; the dtype check below covers the header
-    weights = {d for k, (d, s) in entries.items() if k.endswith(".weight") and len(s) >= 2}
-    unknown = {f for f in formats if f is not None and f not in ("float8_e4m3fn", "float8_e5m2")}
-    if unknown or weights - set(_FP8) - set(_FULL_PRECISION):
-        kinds = ", ".join(sorted(str(f) for f in unknown)) or ", ".join(sorted(weights - set(_FP8) - set(_FULL_PRECISION)))
+    try:
+        if raw:
+            formats |= {str(layer.get("format")) for layer in json.loads(raw).get("layers", {}).values()}
+        quant_keys = [k for k in entries if k.endswith(".comfy_quant")]
+        if quant_keys:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:  # a few bytes of JSON per layer
+                formats |= {str(json.loads(bytes(f.get_tensor(k).tolist())).get("format")) for k in quant_keys}
+    except (json.JSONDecodeError, AttributeError, UnicodeDecodeError, ValueError):
+        raise ModelFolderError(f"{path} has corrupt quantization metadata. Download it again.") from None
+    block_scaled = any(k.endswith(_SCALE_KEYS) and _numel(s) != 1 for k, (_, s) in entries.items())
+    unknown = formats - {"float8_e4m3fn", "float8_e5m2"}
+    if unknown or block_scaled:
+        kinds = ", ".join(sorted(unknown)) or "block-scaled fp8"
         raise ModelFolderError(
             f"{path.name} is quantized as {kinds}, which only ComfyUI's own loader runs. This pack loads "
             "bf16, fp8 (plain or scaled) and GGUF files: use qwen_image_edit_2511_bf16, an fp8 file or a GGUF."
@@ -242,8 +245,7 @@ def check_shapes(file: ComfyFile, expected: dict[str, tuple[int, ...]], what: st
         got = {wan_to_diffusers_vae_key(k, _vae_res_blocks(expected)): s for k, s in got.items()}
     missing = sorted(k for k in expected if k not in got and not k.startswith(optional))
     extra = sorted(k for k in got if k not in expected)
-    wrong = sorted(k for k in expected if k in got and tuple(got[k]) != tuple(expected[k])
-                   and not file.storage.startswith("GGUF"))
+    wrong = sorted(k for k in expected if k in got and tuple(got[k]) != tuple(expected[k]))
     if not (missing or extra or wrong):
         return
     if wrong:

@@ -368,3 +368,17 @@ def test_a_lora_applies_to_quantized_files_and_comes_off_cleanly(pack, files_env
     styled = edit(sampler, with_lora, image(), steps=2)
     assert torch.isfinite(styled).all() and not torch.equal(styled, base)
     assert torch.equal(edit(sampler, handle, image(), steps=2), base)
+
+
+def test_other_comfy_quant_formats_are_refused_from_the_layer_json(pack, files_env, exported, tmp_path) -> None:
+    """No `_quantization_metadata`: the per-layer comfy_quant JSON alone says the format."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(exported / "diffusion_models" / "tiny_2511_comfy_quant.safetensors"))
+    key = next(k for k in tensors if k.endswith(".comfy_quant"))
+    tensors[key] = torch.tensor(list(json.dumps({"format": "mxfp8"}).encode()), dtype=torch.uint8)
+    _refused(pack, "mxfp8_layer.safetensors is quantized as mxfp8", diffusion_model=str(_save(tmp_path / "mxfp8_layer.safetensors", tensors)))
+    tensors = load_file(str(exported / "diffusion_models" / "tiny_2511_comfy_quant.safetensors"))
+    scale = next(k for k in tensors if k.endswith(".weight_scale"))
+    tensors[scale] = torch.ones(4, 2)
+    _refused(pack, "block-scaled fp8", diffusion_model=str(_save(tmp_path / "blocks.safetensors", tensors)))
