@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
-from cli import load_pack  # noqa: E402 - the pack is imported the one way ComfyUI does
+from cli import PACK_NAME, load_pack  # noqa: E402, F401 - the pack is imported the one way ComfyUI does; run.py takes PACK_NAME from here
 
 BENCH_DIR = REPO_ROOT / "benchmarks"
 RESULTS_DIR = BENCH_DIR / "results"
