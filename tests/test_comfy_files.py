@@ -382,3 +382,12 @@ def test_other_comfy_quant_formats_are_refused_from_the_layer_json(pack, files_e
     scale = next(k for k in tensors if k.endswith(".weight_scale"))
     tensors[scale] = torch.ones(4, 2)
     _refused(pack, "block-scaled fp8", diffusion_model=str(_save(tmp_path / "blocks.safetensors", tensors)))
+
+
+@pytest.mark.parametrize("fmt", ["scaled_fp8", "gguf_q4_0"])
+def test_group_offload_runs_quantized_files_unchanged(pack, files_env, fmt) -> None:
+    """Group offload moves the fp8 bytes / GGUF blocks between devices; on the CPU it must not change a pixel."""
+    name = f"tiny_2511_{fmt}{SUFFIX[fmt]}"
+    plain = _edit(pack, _load_files(pack, name, text_encoder="tiny_te_fp8_scaled.safetensors"))
+    grouped = _edit(pack, _load_files(pack, name, text_encoder="tiny_te_fp8_scaled.safetensors", offload="group"))
+    assert torch.equal(plain, grouped)
