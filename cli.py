@@ -494,8 +494,8 @@ def cmd_doctor(pack: types.ModuleType, args: argparse.Namespace) -> int:
 
 
 def load_tiny_kit() -> types.ModuleType:
-    """tests/tiny_pipeline.py (plain module, no test framework), loaded by path so any cwd works."""
-    path = REPO / "tests" / "tiny_pipeline.py"
+    """tinykit/tiny_pipeline.py (plain module, no test framework), loaded by path so any cwd works."""
+    path = REPO / "tinykit" / "tiny_pipeline.py"
     if not path.is_file():
         raise CliError(f"selftest needs {path}, which is missing from this install. Reinstall the pack.")
     name = "qwen_edit_tiny_pipeline"

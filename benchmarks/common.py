@@ -49,7 +49,7 @@ def setup() -> None:
     for key, value in _OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
     if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))  # `tests.tiny_pipeline`, `benchmarks.*`
+        sys.path.insert(0, str(REPO_ROOT))  # `tinykit.tiny_pipeline`, `benchmarks.*`
 
 
 def pack_module(relative: str) -> types.ModuleType:

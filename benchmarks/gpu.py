@@ -292,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown configs: {', '.join(sorted(unknown))}")
 
-    from tests.tiny_pipeline import make_test_image
+    from tinykit.tiny_pipeline import make_test_image
 
     I = pack_module("utils.image")  # noqa: E741
     pil = make_test_image(args.size, args.size, seed=3)

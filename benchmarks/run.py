@@ -106,7 +106,7 @@ class Tiny:
     """The tiny pipeline folder, loaded once by the loader node and once by plain diffusers."""
 
     def __init__(self, tmp: Path) -> None:
-        from tests.tiny_pipeline import save_tiny_pipeline
+        from tinykit.tiny_pipeline import save_tiny_pipeline
 
         self.dir = save_tiny_pipeline(tmp / "tiny")
         self.pack = load_pack()
@@ -161,7 +161,7 @@ def fig_overhead(cfg: dict, tiny: Tiny) -> dict[str, Any]:
     import torch
     from diffusers import QwenImageEditPlusPipeline
 
-    from tests.tiny_pipeline import make_test_image
+    from tinykit.tiny_pipeline import make_test_image
 
     S = pack_module("utils.sampling")
     I = pack_module("utils.image")  # noqa: E741

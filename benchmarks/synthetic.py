@@ -1,6 +1,6 @@
 """Random-weight QwenImageEditPlusPipeline folders of chosen sizes, built from the REAL classes.
 
-The tokenizer, processor and scheduler come from the offline test kit (``tests/tiny_pipeline.py``);
+The tokenizer, processor and scheduler come from the offline test kit (``tinykit/tiny_pipeline.py``);
 the transformer, text encoder and VAE are built here at any size, directly in the target dtype and
 on the target device (no float32 copy first), so the same code makes a 300 MB folder for the CPU
 memory figure and the full-size 20B-parameter transformer on a GPU machine.
@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import torch
 
-from tests import tiny_pipeline as kit
+from tinykit import tiny_pipeline as kit
 
 #: Qwen-Image-Edit-2511's transformer config (public model config; zero_cond_t marks 2511).
 FULL_TRANSFORMER = {

@@ -7,7 +7,7 @@
 * ``pack`` imports the repository's ``__init__.py`` as the package ``qwen_edit_pack`` the way
   ComfyUI imports ``custom_nodes/<folder>/__init__.py`` (relative imports inside the pack work).
 * ``tiny_2511_dir`` / ``tiny_2509_dir`` are tiny random-weight diffusers folders built once per
-  session from the real classes (see ``tests/tiny_pipeline.py``); ``tiny_dir_copy`` is a private
+  session from the real classes (see ``tinykit/tiny_pipeline.py``); ``tiny_dir_copy`` is a private
   copy for tests that modify or corrupt files.
 * Markers: ``gpu`` (skipped without CUDA) and ``slow``.
 
@@ -37,7 +37,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # --------------------------------------------------------------------------------------------------
 
 if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))  # makes `tests.tiny_pipeline` and `cli` importable
+    sys.path.insert(0, str(REPO_ROOT))  # makes `tinykit.tiny_pipeline` and `cli` importable
 
 from cli import load_pack  # noqa: E402 - the pack is imported the way ComfyUI does, in one place
 
@@ -137,7 +137,7 @@ def tiny_2511_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     Do not modify it; use ``tiny_dir_copy`` for tests that change or corrupt files.
     """
-    from tests.tiny_pipeline import save_tiny_pipeline
+    from tinykit.tiny_pipeline import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("Qwen-Image-Edit-2511-tiny"), zero_cond_t=True)
 
@@ -145,7 +145,7 @@ def tiny_2511_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_2509_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Qwen-Image-Edit-2509 diffusers folder (``zero_cond_t=False``), shared by the session."""
-    from tests.tiny_pipeline import save_tiny_pipeline
+    from tinykit.tiny_pipeline import save_tiny_pipeline
 
     return save_tiny_pipeline(tmp_path_factory.mktemp("Qwen-Image-Edit-2509-tiny"), zero_cond_t=False)
 

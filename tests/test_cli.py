@@ -60,7 +60,7 @@ def run_main(cli, pack, capsys):
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
-    from tests.tiny_pipeline import make_test_image
+    from tinykit.tiny_pipeline import make_test_image
 
     folder = tmp_path_factory.mktemp("cli-inputs")
     first, second = folder / "scene.png", folder / "object.jpg"
@@ -418,7 +418,7 @@ VAE = "qwen_image_vae.safetensors"
 @pytest.fixture(scope="module")
 def comfy_models(pack, tmp_path_factory) -> Path:
     """A ComfyUI models folder of the tiny model's single files, as users keep them (plus a broken one and a stranger)."""
-    from tests import tiny_pipeline as kit
+    from tinykit import tiny_pipeline as kit
 
     comfy_files = importlib.import_module(f"{pack.__name__}.loaders.comfy_files")
     models = tmp_path_factory.mktemp("ComfyUI") / "models"
@@ -570,7 +570,7 @@ def test_readme_commands_parse(cli, pack):
 
 
 def test_a_bad_image_gets_one_line_not_a_traceback(run_main, tiny_2511_dir, tmp_path):
-    from tests.tiny_pipeline import make_test_image
+    from tinykit.tiny_pipeline import make_test_image
 
     tiny = tmp_path / "tiny.png"
     make_test_image(4, 4).save(tiny)
@@ -583,7 +583,7 @@ def test_a_bad_image_gets_one_line_not_a_traceback(run_main, tiny_2511_dir, tmp_
 
 def test_edit_with_comfyui_files_takes_configs_from_the_hf_cache(run_main, exported, tiny_2511_dir, inputs, tmp_path):
     """Outside ComfyUI the files' configs and tokenizer come from the HF cache (`hf download --exclude`)."""
-    from tests.tiny_pipeline import save_config_folder
+    from tinykit.tiny_pipeline import save_config_folder
 
     repo = Path(os.environ["HF_HUB_CACHE"]) / "models--Qwen--Qwen-Image-Edit-2511"
     args = ("edit", "--image", inputs["image"], "--prompt", "Make the sky purple", "--output", tmp_path / "out.png",

@@ -20,8 +20,8 @@ import pytest
 torch = pytest.importorskip("torch")
 np = pytest.importorskip("numpy")
 
-from tests import tiny_pipeline as tp  # noqa: E402
 from tests.test_lora import loras  # noqa: E402,F401 - the LoRA files fixture
+from tinykit import tiny_pipeline as tp  # noqa: E402
 
 #: Lowest PSNR (dB) against the bf16 diffusers folder, per transformer format, measured ~47-54 dB on the
 #: tiny kit (random weights amplify quantization noise more than a trained model would).

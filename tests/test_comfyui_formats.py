@@ -11,7 +11,7 @@ shapes cannot fit those modules, so this builds the three components from the re
 widths of the pack's shipped configs (loaders/configs/Qwen-Image-Edit-2511) with the least depth,
 random weights: a 1-block transformer (~380M parameters), the full VAE (127M) and a 1-layer text model
 with the full vision tower (~1.45B, the 152064 x 3584 embedding shared with lm_head, which ComfyUI's
-files drop anyway). They are exported with the kit's exporters (tests/tiny_pipeline.py), then ComfyUI
+files drop anyway). They are exported with the kit's exporters (tinykit/tiny_pipeline.py), then ComfyUI
 loads each file the way its loader nodes do:
 
 * transformer (bf16, fp8, scaled_fp8, comfy_quant; bf16 without the 2511 marker and with a
@@ -346,7 +346,7 @@ class _Components:
 
 def _export_all(pack: Any, folder: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """Write every file; returns the probe's entries and the original weights of the compared tensors."""
-    from tests import tiny_pipeline as tp
+    from tinykit import tiny_pipeline as tp
 
     to_wan = importlib.import_module(f"{pack.__name__}.loaders.comfy_files").diffusers_to_wan_vae_key
     entries: dict[str, dict[str, Any]] = {}

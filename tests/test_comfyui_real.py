@@ -110,7 +110,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    from tests.tiny_pipeline import make_test_image, save_tiny_pipeline
+    from tinykit.tiny_pipeline import make_test_image, save_tiny_pipeline
 
     comfyui = Path(COMFYUI).expanduser().resolve()
     assert (comfyui / "main.py").is_file(), f"COMFYUI_PATH={COMFYUI} has no main.py"

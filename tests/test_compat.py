@@ -24,7 +24,7 @@ def test_attention_registry_reads_and_sets_the_process_default(compat):
 
 
 def test_repeated_blocks_name_the_transformer_block(compat):
-    from tests.tiny_pipeline import build_tiny_transformer
+    from tinykit.tiny_pipeline import build_tiny_transformer
 
     transformer = build_tiny_transformer()
     names = compat.repeated_block_names(transformer)

@@ -127,7 +127,7 @@ def test_text_encoder_quantizes_on_cpu_and_edits(L, tiny_2511_dir, quant, layer)
     te_layers = {type(m).__name__ for m in loaded.pipe.text_encoder.modules()}
     assert layer in te_layers
     assert not any("bit" in type(m).__name__ for m in loaded.pipe.transformer.modules())
-    from tests.tiny_pipeline import make_test_image
+    from tinykit.tiny_pipeline import make_test_image
 
     out = loaded.pipe(image=[make_test_image(64, 64)], prompt="red", negative_prompt=" ", num_inference_steps=2, height=64, width=64,
                       generator=torch.manual_seed(0), output_type="np").images
@@ -185,7 +185,7 @@ def test_transformer_quantizes_on_cuda(L, tiny_2511_dir, quant, layer):
 @pytest.mark.parametrize("offload", ["none", "model", "sequential", "group"])
 def test_offload_modes_on_cuda(L, tiny_2511_dir, offload):
     loaded = L.get_pipeline(settings(L, tiny_2511_dir, device="cuda", offload=offload))
-    from tests.tiny_pipeline import make_test_image
+    from tinykit.tiny_pipeline import make_test_image
 
     out = loaded.pipe(image=[make_test_image(64, 64)], prompt="red", negative_prompt=" ", num_inference_steps=2, height=64, width=64,
                       generator=torch.manual_seed(0), output_type="np").images
@@ -197,7 +197,7 @@ def test_offload_modes_on_cuda(L, tiny_2511_dir, offload):
 
 def test_group_offload_runs_on_cpu(L, tiny_2511_dir):
     loaded = L.get_pipeline(settings(L, tiny_2511_dir, offload="group", precision="float32"))
-    from tests.tiny_pipeline import make_test_image
+    from tinykit.tiny_pipeline import make_test_image
 
     out = loaded.pipe(image=[make_test_image(64, 64)], prompt="red", negative_prompt=" ", num_inference_steps=2, height=64, width=64,
                       generator=torch.manual_seed(0), output_type="np").images
@@ -438,7 +438,7 @@ def test_invalid_settings_are_refused(L, field, value):
 def test_unused_lm_head_is_dropped_without_changing_the_edit(L, tiny_2511_dir):
     from diffusers import QwenImageEditPlusPipeline
 
-    from tests.tiny_pipeline import make_test_image
+    from tinykit.tiny_pipeline import make_test_image
 
     loaded = L.get_pipeline(settings(L, tiny_2511_dir, precision="float32"))
     assert isinstance(loaded.pipe.text_encoder.lm_head, torch.nn.Identity)

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tiny_pipeline import build_tiny_transformer, make_test_image
+from tinykit.tiny_pipeline import build_tiny_transformer, make_test_image
 
 STEPS = 2
 ATTN = ["to_q", "to_k", "to_v", "to_out.0"]

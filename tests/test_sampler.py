@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.tiny_pipeline import make_test_image
+from tinykit.tiny_pipeline import make_test_image
 
 STEPS = 2
 

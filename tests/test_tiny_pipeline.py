@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tiny_pipeline import (
+from tinykit.tiny_pipeline import (
     PROMPT_TEMPLATE,
     PROMPT_TEMPLATE_DROP_TOKENS,
     QWEN_SPECIAL_TOKENS,
