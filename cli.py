@@ -38,6 +38,15 @@ REPO = Path(__file__).resolve().parent
 #: The package name the pack is imported under (ComfyUI uses the folder name; any name works). The
 #: test suite uses the same one, so in-process tests and the command line share one pipeline cache.
 PACK_NAME = "qwen_edit_pack"
+#: The Hugging Face libraries' offline switches, set by every application beside the pack (this CLI, the
+#: tests, the benchmarks) before those libraries are imported: nothing may ever be downloaded.
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DISABLE_TELEMETRY": "1",
+}
 LOADER_NODE = "QwenImageEditLoader"
 FILES_LOADER_NODE = "QwenImageEditFilesLoader"
 SAMPLER_NODE = "QwenImageEditSampler"
@@ -580,8 +589,8 @@ def _setup_logging() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     # Never reach the network: the pack loads local files only, and this keeps every library offline too.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
     pack = load_pack()
     args = build_parser(pack).parse_args(argv)
     _setup_logging()

@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
-from cli import PACK_NAME, load_pack  # noqa: E402, F401 - the pack is imported the one way ComfyUI does; run.py takes PACK_NAME from here
+from cli import OFFLINE_ENV, PACK_NAME, load_pack  # noqa: E402, F401 - the pack is imported the one way ComfyUI does; run.py takes PACK_NAME from here
 
 BENCH_DIR = REPO_ROOT / "benchmarks"
 RESULTS_DIR = BENCH_DIR / "results"
@@ -34,14 +34,7 @@ LOCAL_RESULTS_DIR = Path(tempfile.gettempdir()) / "qwen-image-edit-benchmarks"
 #: Modules the pack must not pull in at import time (ComfyUI start-up stays fast).
 HEAVY_MODULES = ("diffusers", "transformers", "accelerate", "bitsandbytes", "peft", "huggingface_hub")
 
-_OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "DISABLE_TELEMETRY": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
+_OFFLINE_ENV = {**OFFLINE_ENV, "TOKENIZERS_PARALLELISM": "false"}
 
 
 def setup() -> None:

@@ -39,17 +39,13 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))  # makes `tinykit.tiny_pipeline` and `cli` importable
 
-from cli import load_pack  # noqa: E402 - the pack is imported the way ComfyUI does, in one place
+from cli import OFFLINE_ENV, load_pack  # noqa: E402 - the pack is imported the way ComfyUI does, in one place
 
 _HF_HOME = tempfile.mkdtemp(prefix="qwen-edit-tests-hf-home-")
 atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
 
 _OFFLINE_ENV = {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "DISABLE_TELEMETRY": "1",
+    **OFFLINE_ENV,
     "HF_HOME": _HF_HOME,
     # Explicit cache variables win over HF_HOME, so a user's own settings would leak through.
     "HF_HUB_CACHE": os.path.join(_HF_HOME, "hub"),
