@@ -491,7 +491,7 @@ def comfyui_models_dir(comfyui: Path | None = None) -> Path | None:
 
 
 def cmd_doctor(pack: types.ModuleType, args: argparse.Namespace) -> int:
-    doctor = submodule(pack, "utils.doctor")
+    doctor = submodule(pack, "doctor")
     model = resolve_model(args.model) if args.model else None
     report = doctor.diagnose(model, args.precision, args.check_quantization,
                              comfy_models=comfyui_models_dir(args.comfyui))

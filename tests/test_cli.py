@@ -336,7 +336,7 @@ def test_doctor_text_and_a_local_model(run_main, tiny_2511_dir):
 
 @pytest.fixture
 def doctor(pack) -> types.ModuleType:
-    return importlib.import_module(f"{pack.__name__}.utils.doctor")
+    return importlib.import_module(f"{pack.__name__}.doctor")
 
 
 def test_recommendations_are_the_loader_plan(doctor, pack):

@@ -20,13 +20,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from ..loaders import placement
-from ..loaders.pipeline import (
+from .loaders import placement
+from .loaders.pipeline import (
     DIFFUSION_MODEL_FOLDERS,
     TEXT_ENCODER_FOLDERS,
     VAE_FOLDERS,
 )
-from . import comfy
+from .utils import comfy
 
 #: ComfyUI's model folders per component for single files: those the files loader's combos list.
 FILE_FOLDERS = {"transformer": DIFFUSION_MODEL_FOLDERS, "text_encoder": TEXT_ENCODER_FOLDERS, "vae": VAE_FOLDERS}
@@ -255,8 +255,8 @@ def model_sizes(model: str | None = None, precision: str = "bfloat16") -> tuple[
         per = _BYTES_PER_PARAM[precision] / 2
         return {n: int(b * per) for n, b in REAL_2511_BF16_BYTES.items()}, (
             REAL_SIZES_SOURCE if precision == "bfloat16" else f"{REAL_SIZES_SOURCE}, scaled to {precision}")
-    from ..loaders.pipeline import resolve_model_path
-    from ..loaders.weights import inspect_model_folder
+    from .loaders.pipeline import resolve_model_path
+    from .loaders.weights import inspect_model_folder
 
     folder = inspect_model_folder(resolve_model_path(model))
     per_param = _BYTES_PER_PARAM[precision]
@@ -303,7 +303,7 @@ def comfy_file_folders(models_dir: Path | str | None = None) -> tuple[dict[str, 
 
 def _candidate_files(folders: list[Path], role: str) -> list[tuple[str, Path]]:
     """(name as ComfyUI's combo shows it, path) of the files a loader of `role` could be given."""
-    from ..loaders.comfy_files import SUFFIXES
+    from .loaders.comfy_files import SUFFIXES
 
     files: dict[str, Path] = {}
     for folder in folders:
@@ -322,8 +322,8 @@ def _candidate_files(folders: list[Path], role: str) -> list[tuple[str, Path]]:
 
 def inspect_comfy_file(name: str, path: Path, role: str) -> dict[str, Any]:
     """One file as `inspect_file` reads its header; a file it refuses gets the refusal as `reason`."""
-    from ..loaders.comfy_files import inspect_file
-    from ..loaders.weights import ModelFolderError
+    from .loaders.comfy_files import inspect_file
+    from .loaders.weights import ModelFolderError
 
     entry: dict[str, Any] = {"name": name, "path": str(path), "ok": False}
     try:
@@ -372,7 +372,7 @@ def comfy_files(models_dir: Path | str | None = None, precision: str = "bfloat16
 
 def _file_set(chosen: dict[str, dict[str, Any]], precision: str) -> dict[str, Any]:
     """The loader's own view of three files: sizes at `precision` (quantized files as stored), variant."""
-    from ..loaders.from_files import inspect_files
+    from .loaders.from_files import inspect_files
 
     names = {role: f["name"] for role, f in chosen.items()}
     try:
