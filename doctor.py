@@ -21,16 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from .loaders import placement
-from .loaders.pipeline import (
-    DIFFUSION_MODEL_FOLDERS,
-    TEXT_ENCODER_FOLDERS,
-    VAE_FOLDERS,
-)
+from .loaders.pipeline import FILE_FOLDERS
+from .loaders.weights import BYTES_PER_PARAM, PICKLE_SUFFIXES
 from .utils import comfy
-
-#: ComfyUI's model folders per component for single files: those the files loader's combos list.
-FILE_FOLDERS = {"transformer": DIFFUSION_MODEL_FOLDERS, "text_encoder": TEXT_ENCODER_FOLDERS, "vae": VAE_FOLDERS}
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 #: Qwen-Image-Edit-2511's component sizes in bfloat16 (bytes); one source, shared with the planner.
 REAL_2511_BF16_BYTES = placement.REAL_2511_BF16_BYTES
@@ -41,7 +34,6 @@ MIN_DIFFUSERS = (0, 37)
 PACKAGES = ("torch", "torchvision", "diffusers", "transformers", "accelerate", "bitsandbytes", "safetensors",
             "huggingface_hub", "peft")
 QUANTIZED = ("transformer", "text_encoder")
-_BYTES_PER_PARAM = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 log = logging.getLogger("qwen_image_edit")
 
@@ -252,14 +244,14 @@ def quantization_checks(devices: list[str] | None = None) -> dict[str, Any]:
 def model_sizes(model: str | None = None, precision: str = "bfloat16") -> tuple[dict[str, int], str]:
     """Per-component bytes at `precision`: read from a local model folder's headers, else 2511's sizes."""
     if model is None:
-        per = _BYTES_PER_PARAM[precision] / 2
+        per = BYTES_PER_PARAM[precision] / 2
         return {n: int(b * per) for n, b in REAL_2511_BF16_BYTES.items()}, (
             REAL_SIZES_SOURCE if precision == "bfloat16" else f"{REAL_SIZES_SOURCE}, scaled to {precision}")
     from .loaders.pipeline import resolve_model_path
     from .loaders.weights import inspect_model_folder
 
     folder = inspect_model_folder(resolve_model_path(model))
-    per_param = _BYTES_PER_PARAM[precision]
+    per_param = BYTES_PER_PARAM[precision]
     sizes = {name: folder.bytes_at(per_param, name) for name in folder.components}
     kind = "Edit-2511" if folder.zero_cond_t else "Edit-2509"
     return sizes, f"{folder.path} ({kind}, read from its safetensors headers, at {precision})"
@@ -314,7 +306,7 @@ def _candidate_files(folders: list[Path], role: str) -> list[tuple[str, Path]]:
             suffix = path.suffix.lower()
             if not path.is_file() or any(part.startswith(".") for part in name.split("/")):
                 continue
-            if suffix in SUFFIXES[role] or (suffix in _PICKLE_SUFFIXES + (".gguf",) and "qwen" in name.lower()):
+            if suffix in SUFFIXES[role] or (suffix in PICKLE_SUFFIXES + (".gguf",) and "qwen" in name.lower()):
                 files.setdefault(name, path)  # the first folder wins, as in ComfyUI
     # Qwen-named files first, as the files loader's combos list them.
     return sorted(files.items(), key=lambda item: "qwen" not in item[0].lower())
@@ -379,7 +371,7 @@ def _file_set(chosen: dict[str, dict[str, Any]], precision: str) -> dict[str, An
         folder, _ = inspect_files(*(Path(chosen[r]["path"]) for r in ("transformer", "text_encoder", "vae")))
     except Exception as exc:  # noqa: BLE001 - reported, and the published sizes are used instead
         return {"files": names, "error": str(exc)}
-    sizes = {name: folder.bytes_at(_BYTES_PER_PARAM[precision], name) for name in folder.components}
+    sizes = {name: folder.bytes_at(BYTES_PER_PARAM[precision], name) for name in folder.components}
     pre_quantized = sorted(n for n, c in folder.components.items() if c.pre_quantized)
     return {"files": names, "sizes_bytes": sizes, "pre_quantized": pre_quantized,
             "variant": "Edit-2511" if folder.zero_cond_t else "Edit-2509"}

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .weights import ModelFolderError, read_safetensors_header
+from .weights import DTYPE_BYTES, PICKLE_SUFFIXES, ModelFolderError, read_safetensors_header
 
 ROLES = ("transformer", "text_encoder", "vae")
 SUFFIXES = {"transformer": (".safetensors", ".gguf"), "text_encoder": (".safetensors",), "vae": (".safetensors",)}
@@ -35,8 +35,6 @@ LAYERED_KEY = "time_text_embed.addition_t_embedding.weight"
 WAN22_VAE_KEY = "decoder.upsamples.0.upsamples.0.residual.2.weight"
 _FP8 = {"F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 _FULL_PRECISION = {"BF16": "bf16", "F16": "fp16", "F32": "fp32"}
-_SAFETENSORS_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "I64": 8, "I32": 4,
-                      "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 _TRANSFORMER_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.model.", "net.", "model.")
 _TEXT_ENCODER_PREFIXES = ("text_encoders.qwen25_7b.transformer.", "qwen25_7b.transformer.", "transformer.")
 _VAE_PREFIXES = ("first_stage_model.", "vae.")
@@ -166,7 +164,7 @@ def inspect_file(path: Path | str, role: str) -> ComfyFile:
     if not path.is_file():
         raise ModelFolderError(f"Model file not found: {path}.")
     if path.suffix.lower() not in SUFFIXES[role]:
-        if path.suffix.lower() in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
+        if path.suffix.lower() in PICKLE_SUFFIXES:
             raise ModelFolderError(
                 f"{path.name} is a pickle file, which can run code when loaded; this pack loads only "
                 f"{' and '.join(SUFFIXES[role])} files. Use the safetensors release of the model."
@@ -232,9 +230,9 @@ def _stored_bytes(dtype: str, shape: tuple[int, ...]) -> int:
 
         block, size = GGML_QUANT_SIZES[GGMLQuantizationType[dtype[5:]]]
         return _numel(shape) // block * size
-    if dtype not in _SAFETENSORS_BYTES:
+    if dtype not in DTYPE_BYTES:
         raise ModelFolderError(f"unknown tensor dtype {dtype!r}")
-    return _numel(shape) * _SAFETENSORS_BYTES[dtype]
+    return _numel(shape) * DTYPE_BYTES[dtype]
 
 
 def check_shapes(file: ComfyFile, expected: dict[str, tuple[int, ...]], what: str, optional: tuple[str, ...] = ()) -> None:

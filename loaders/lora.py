@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 from ..utils import comfy
 from ..utils.errors import QwenEditError
 from . import compat
-from .weights import ModelFolderError, read_safetensors_header
+from .weights import PICKLE_SUFFIXES, ModelFolderError, read_safetensors_header
 
 if TYPE_CHECKING:
     from .pipeline import LoadedPipeline
@@ -44,7 +44,6 @@ log = logging.getLogger("qwen_image_edit")
 
 LIGHTNING_CHOICES = ("auto", "off", "4-step", "8-step")
 LORA_SUFFIX = ".safetensors"
-_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 
 #: Lightning's scheduler, from the diffusers Qwen-Image docs / lightx2v model card ("we use shift=3 in
 #: distillation"): a constant exponential shift of log(3) whatever the image size, no terminal stretch.
@@ -154,7 +153,7 @@ def resolve_lora_path(name: str) -> Path:
         raise LoraError("No LoRA chosen. Put .safetensors LoRA files in ComfyUI/models/loras and pick one.")
     path = comfy.lora_path(str(name))
     suffix = path.suffix.lower()
-    if suffix in _PICKLE_SUFFIXES:
+    if suffix in PICKLE_SUFFIXES:
         raise LoraError(
             f"{path.name} is a {suffix} file. Only .safetensors LoRAs are loaded: pickled formats can run code "
             "when they are opened. Download the .safetensors version of this LoRA."

@@ -22,7 +22,7 @@ from ..utils import comfy
 from ..utils.errors import QwenEditError
 from . import from_files
 from .placement import Placement, plan_placement
-from .weights import ModelFolder, ModelFolderError, inspect_model_folder
+from .weights import BYTES_PER_PARAM, ModelFolder, ModelFolderError, inspect_model_folder
 
 if TYPE_CHECKING:  # lora and speed import this module
     from .lora import LoraSpec, LoraState
@@ -38,7 +38,6 @@ QUANTIZATIONS = ("auto", "none", "nf4", "8bit")
 QUANTIZE_COMPONENTS = ("transformer+text_encoder", "transformer", "text_encoder")
 DEVICES = ("auto", "cuda", "cpu", "mps", "xpu")
 OFFLOADS = ("auto", "none", "model", "sequential", "group")
-_BYTES_PER_PARAM = {"bfloat16": 2, "float16": 2, "float32": 4}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -258,7 +257,7 @@ def list_models() -> list[str]:
 DIFFUSION_MODEL_FOLDERS = ("diffusion_models", "unet")
 TEXT_ENCODER_FOLDERS = ("text_encoders", "clip")
 VAE_FOLDERS = ("vae",)
-_FILE_FOLDERS = {"transformer": DIFFUSION_MODEL_FOLDERS, "text_encoder": TEXT_ENCODER_FOLDERS, "vae": VAE_FOLDERS}
+FILE_FOLDERS = {"transformer": DIFFUSION_MODEL_FOLDERS, "text_encoder": TEXT_ENCODER_FOLDERS, "vae": VAE_FOLDERS}
 _FILE_LABELS = {"transformer": "Diffusion model", "text_encoder": "Text encoder", "vae": "VAE"}
 
 
@@ -267,15 +266,15 @@ def list_files(role: str) -> list[str]:
     Qwen-named ones first."""
     from .comfy_files import SUFFIXES
 
-    names = [n for n in comfy.model_files(*_FILE_FOLDERS[role]) if n.lower().endswith(SUFFIXES[role])]
+    names = [n for n in comfy.model_files(*FILE_FOLDERS[role]) if n.lower().endswith(SUFFIXES[role])]
     return sorted(names, key=lambda n: "qwen" not in n.lower())
 
 
 def resolve_file(role: str, name: str) -> Path:
     """A combo value or path to the file; a missing one is refused naming the folder it belongs in."""
-    path = comfy.model_file_path(_FILE_FOLDERS[role], name)
+    path = comfy.model_file_path(FILE_FOLDERS[role], name)
     if not path.is_file():
-        folders = comfy.model_folder_paths(_FILE_FOLDERS[role][0]) or [f"ComfyUI/models/{_FILE_FOLDERS[role][0]}"]
+        folders = comfy.model_folder_paths(FILE_FOLDERS[role][0]) or [f"ComfyUI/models/{FILE_FOLDERS[role][0]}"]
         raise LoadError(f"{_FILE_LABELS[role]} file not found: {name}. Put it in {folders[0]} (or give its full path).")
     return path
 
@@ -442,7 +441,7 @@ def check_zero_cond_t(folder: ModelFolder, transformer: Any = None) -> None:
 
 
 def _plan(settings: LoadSettings, folder: ModelFolder, device: str) -> Placement:
-    per_param = _BYTES_PER_PARAM[settings.precision]
+    per_param = BYTES_PER_PARAM[settings.precision]
     sizes = {name: folder.bytes_at(per_param, name) for name in folder.components}
     kind = device.split(":")[0]
     if kind in ("cuda", "xpu"):
@@ -566,7 +565,7 @@ def _load(settings: LoadSettings) -> LoadedPipeline:
         log.info("Qwen-Image-Edit: loading %s on %s: %s", folder.path, device, placement.reason)
         _note_smart_memory()
         # Only now, with the source checked: a typo must not unload the user's other models for nothing.
-        comfy.free_comfy_memory(placement.needed_bytes or sum(folder.bytes_at(_BYTES_PER_PARAM[settings.precision], n)
+        comfy.free_comfy_memory(placement.needed_bytes or sum(folder.bytes_at(BYTES_PER_PARAM[settings.precision], n)
                                                               for n in folder.components), device)
 
         from diffusers import QwenImageEditPlusPipeline

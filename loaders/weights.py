@@ -26,9 +26,11 @@ ALLOWED_CLASSES: dict[str, tuple[tuple[str, str], ...]] = {
     "scheduler": (("diffusers", "FlowMatchEulerDiscreteScheduler"),),
 }
 WEIGHT_COMPONENTS = ("transformer", "text_encoder", "vae")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+#: Bytes per element of each floating-point precision the loader offers.
+BYTES_PER_PARAM = {"bfloat16": 2, "float16": 2, "float32": 4}
 
-_DTYPE_BYTES = {
+DTYPE_BYTES = {
     "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
     "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BOOL": 1,
 }
@@ -127,7 +129,7 @@ def _component_info(name: str, path: Path) -> ComponentInfo:
                 count = 1
                 for dim in meta["shape"]:
                     count *= int(dim)
-                size = _DTYPE_BYTES[meta["dtype"]]
+                size = DTYPE_BYTES[meta["dtype"]]
             except (KeyError, TypeError, ValueError):
                 raise ModelFolderError(
                     f"{file} has a corrupt safetensors header: the entry {key!r} lacks a valid shape or dtype. "
