@@ -378,6 +378,15 @@ def check_quantization_supported(quantization: str, components: tuple[str, ...],
 BITSANDBYTES_FORMATS = ("nf4", "fp4", "8bit", "bitsandbytes")
 
 
+def check_offload_supported(offload: str, device: str) -> None:
+    """Refuse, before any weights are read, an offload that cannot run on `device`."""
+    if offload in ("model", "sequential") and device.split(":")[0] in ("cpu", "mps"):
+        raise LoadError(
+            f"offload={offload!r} moves weights between the CPU and a GPU, so it needs a GPU (CUDA or XPU), and this "
+            f"run is on {device}. Choose offload 'none' (or 'auto')."
+        )
+
+
 def check_prequantized_supported(folder: ModelFolder, device: str) -> None:
     """diffusers loads a bitsandbytes-quantized transformer only on a CUDA GPU: say so before reading it."""
     info = folder.components.get("transformer")
@@ -467,8 +476,6 @@ def _apply_offload(pipe: Any, offload: str, device: str) -> None:
     import torch
 
     kind = device.split(":")[0]
-    if offload in ("model", "sequential") and kind == "cpu":
-        raise LoadError(f"offload={offload!r} moves weights between CPU and a GPU, so it needs a GPU. On CPU choose 'none'.")
     if offload == "none":
         pipe.to(device)
     elif offload == "model":
@@ -523,10 +530,10 @@ def bridge_vae_dtype(pipe: Any, compute_dtype: Any) -> None:
 
 def _oom_message(settings: LoadSettings, placement: Placement, device: str) -> str:
     free = comfy.free_device_memory(device)
-    free_txt = f"{free / 2**30:.1f} GB free" if free is not None else "free memory unknown"
+    free_txt = f"{free / 2**30:.1f} GiB free" if free is not None else "free memory unknown"
     return (
         f"Out of memory on {device} while loading {settings.model} (quantization={placement.quantization}, "
-        f"offload={placement.offload}, needs ~{placement.needed_bytes / 2**30:.1f} GB; {free_txt}). "
+        f"offload={placement.offload}, needs ~{placement.needed_bytes / 2**30:.1f} GiB; {free_txt}). "
         "Choose quantization 'nf4' and offload 'model' (16-24 GB cards) or 'group' (8-12 GB cards), "
         "or leave both on 'auto'; close other programs using the GPU."
     )
@@ -562,6 +569,7 @@ def _load(settings: LoadSettings) -> LoadedPipeline:
                 log.info("Qwen-Image-Edit: %s is already %s; %s is not applied on top", name,
                          folder.components[name].pre_quantized, placement.quantization)
         check_quantization_supported(placement.quantization, components, device)
+        check_offload_supported(placement.offload, device)
         log.info("Qwen-Image-Edit: loading %s on %s: %s", folder.path, device, placement.reason)
         _note_smart_memory()
         # Only now, with the source checked: a typo must not unload the user's other models for nothing.

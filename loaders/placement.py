@@ -58,7 +58,7 @@ def device_bytes_needed(sizes: dict[str, int], offload: str) -> int:
 
 
 def _gb(n: int) -> str:
-    return f"{n / GiB:.1f} GB"
+    return f"{n / GiB:.1f} GiB"
 
 
 def plan_placement(
@@ -79,7 +79,8 @@ def plan_placement(
     if device_type not in ("cuda", "xpu"):
         q = "none" if quantization == "auto" else quantization
         o = "none" if offload == "auto" else offload
-        return Placement(q, o, f"{device_type} device: offload and quantization only help on a GPU", 0)
+        what = "bf16/fp16 weights" if q == "none" else f"{q} {'+'.join(quantized)}"
+        return Placement(q, o, f"{what}, all in {device_type} memory (offload only helps with a GPU)", 0)
 
     q_options = [quantization] if quantization != "auto" else (["none", "nf4"] if can_quantize else ["none"])
     o_options = [offload] if offload != "auto" else list(OFFLOADS)

@@ -309,3 +309,23 @@ def test_a_cancelled_edit_puts_offloaded_components_back(L, pack, sampler, tiny_
     assert calls == [1] and L.current_pipeline() is not None
     assert torch.isfinite(edit(sampler, handle, image())).all()
     L.release_pipeline()
+
+
+# -- checked before the load (issue 12) --------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on machines without CUDA")
+def test_an_impossible_offload_is_refused_before_any_weights_are_read(L, tiny_2511_dir, load_counter):
+    with pytest.raises(L.LoadError, match="needs a GPU.*'none'"):
+        L.get_pipeline(L.LoadSettings(str(tiny_2511_dir), device="cpu", offload="model"))
+    assert load_counter == []
+
+
+def test_the_cpu_plan_says_what_is_applied(pack):
+    placement = importlib.import_module(f"{pack.__name__}.loaders.placement")
+    plan = placement.plan_placement({"transformer": 1, "text_encoder": 1}, None, "cpu", "nf4", "auto", ("text_encoder",))
+    assert plan.reason.startswith("nf4 text_encoder, all in cpu memory")
+    plain = placement.plan_placement({"transformer": 1}, None, "cpu", "none", "none")
+    assert plain.reason.startswith("bf16/fp16 weights, all in cpu memory")
+    fit = placement.plan_placement({"transformer": 2**30}, 10 * 2**30, "cuda", "none", "none")
+    assert "GiB" in fit.reason and " GB" not in fit.reason
