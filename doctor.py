@@ -491,6 +491,13 @@ def diagnose(model: str | None = None, precision: str = "bfloat16", check_quanti
             problems.append(f"{name} is not installed: pip install -r requirements.txt")
     report["problems"] = problems
     report["ok"] = not problems
+    # Not an install problem, but the verdict must not contradict it: a model that cannot fit is said last.
+    report["warnings"] = [
+        f"{rec['device']}: the model needs ~{gib(rec['needed_bytes'])} and {gib(rec.get('free_bytes'))} is free, so "
+        "it does not fit here" + (" even with the most frugal settings" if rec["device"] != "cpu" else "")
+        for rec in report["recommendations"]
+        if rec.get("fits") is False or str(rec.get("reason", "")).startswith("nothing fits")
+    ]
     return report
 
 
@@ -556,12 +563,17 @@ def format_report(report: dict[str, Any]) -> str:
         for row in report["by_card"]:
             add(f"  {row['card_gib']:>3} GB card: quantization {row['quantization']:<4} offload {row['offload']:<10} "
                 f"needs ~{gib(row['needed_bytes'])}")
+    if report["warnings"]:
+        add("Warnings")
+        for w in report["warnings"]:
+            add(f"  - {w}")
     if report["problems"]:
         add("Problems")
         for p in report["problems"]:
             add(f"  - {p}")
-    else:
-        add("No problems found.")
+    warned = f"; {len(report['warnings'])} warning(s) above" if report["warnings"] else ""
+    add(f"{len(report['problems'])} problem(s) found{warned}." if report["problems"] else
+        f"The install is fine{warned}.")
     return "\n".join(lines)
 
 

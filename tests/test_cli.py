@@ -604,3 +604,14 @@ def test_edit_with_comfyui_files_takes_configs_from_the_hf_cache(run_main, expor
         assert prompt["10"]["class_type"] == "QwenImageEditFilesLoader"
     finally:
         shutil.rmtree(repo, ignore_errors=True)
+
+
+def test_doctor_verdict_follows_its_findings(run_main):
+    """The real 2511 (~58 GB) does not fit this machine's RAM: the last line must not say all is well."""
+    code, stdout, _ = run_main("doctor", "--no-quantization-check")
+    assert code == 0 and "No problems found" not in stdout
+    last = stdout.strip().splitlines()[-1]
+    if "does not fit here" in stdout:
+        assert "Warnings" in stdout and last == "The install is fine; 1 warning(s) above."
+    else:  # a machine with room for the whole model
+        assert last == "The install is fine."
