@@ -65,9 +65,8 @@ def diffusers_check() -> dict[str, Any]:
     try:
         import inspect
 
-        with _quiet_bitsandbytes():
-            import diffusers
-            from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel  # noqa: F401
+        import diffusers
+        from diffusers import QwenImageEditPlusPipeline, QwenImageTransformer2DModel  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - any import failure is the answer
         return {"ok": False, "version": None, "zero_cond_t": False,
                 "detail": f"diffusers with QwenImageEditPlusPipeline cannot be imported ({type(exc).__name__}: "
@@ -158,10 +157,8 @@ def quantization_check(kind: str, device: str) -> dict[str, Any]:
     """
     result: dict[str, Any] = {"kind": kind, "device": device, "works": False, "detail": ""}
     try:
+        import bitsandbytes as bnb
         import torch
-
-        with _quiet_bitsandbytes():
-            import bitsandbytes as bnb
         result["version"] = bnb.__version__
         generator = torch.Generator().manual_seed(0)
         weight = torch.randn(32, 64, generator=generator) * 0.1
@@ -209,18 +206,6 @@ def quantization_check(kind: str, device: str) -> dict[str, Any]:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         result["detail"] = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
     return result
-
-
-class _quiet_bitsandbytes:
-    """Silence bitsandbytes' import-time warning about an optional CPU kernel it would download."""
-
-    def __enter__(self) -> None:
-        self._logger = logging.getLogger("bitsandbytes")
-        self._level = self._logger.level
-        self._logger.setLevel(logging.ERROR)
-
-    def __exit__(self, *exc: object) -> None:
-        self._logger.setLevel(self._level)
 
 
 def quantization_checks(devices: list[str] | None = None) -> dict[str, Any]:

@@ -230,6 +230,17 @@ def _note_smart_memory() -> None:
                     "to keep it loaded.")
 
 
+class _DropOptionalKernelWarning(logging.Filter):
+    """bitsandbytes warns at import that it cannot download an optional CPU kernel (`kernels` package);
+    the pack never downloads and its CPU NF4 works without it, so the line is only noise in every log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "kernels-community" not in record.getMessage()
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_DropOptionalKernelWarning())
+
+
 def install_comfy_hooks() -> None:
     """Let ComfyUI's memory manager (model loads, "Unload models", POST /free) evict our pipeline. Idempotent."""
     comfy.on_comfy_free_memory(release_for_comfy)

@@ -253,3 +253,15 @@ def test_the_source_check_catches_what_it_should(tmp_path, monkeypatch):
         "code = 'a = 1; b = 2'\n"
     )
     assert source_problems(good) == []
+
+
+def test_bitsandbytes_optional_kernel_warning_is_silenced_once_the_pack_is_loaded():
+    """bitsandbytes warns at import that it cannot fetch an optional CPU kernel: noise on every path."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, '.'); from cli import load_pack; import importlib; "
+            "p = load_pack(); importlib.import_module(p.__name__ + '.loaders.pipeline'); import bitsandbytes")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "kernels-community" not in result.stderr
