@@ -507,6 +507,18 @@ def test_thumbnail_for_the_template_browser(path: Path):
         assert image.size == THUMBNAIL_SIZE
 
 
+@pytest.mark.parametrize("path", UI_FILES, ids=_ids)
+def test_every_wire_is_visible_in_the_thumbnail(path: Path):
+    """No wire runs behind a node (ComfyUI draws wires underneath, so the picture would mislead, as the
+    loader wire behind Image Scale once did); tools/workflow_thumbnail.py refuses such a layout."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("workflow_thumbnail", REPO / "tools" / "workflow_thumbnail.py")
+    thumbnail = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(thumbnail)
+    thumbnail.render(_load(path))  # raises ValueError naming the hidden wires
+
+
 def test_only_ui_workflows_sit_where_the_template_browser_looks():
     """ComfyUI lists every example_workflows/*.json as a template; API twins live in api/ below it."""
     for path in UI_FILES:
