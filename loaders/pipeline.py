@@ -291,8 +291,12 @@ def resolve_file(role: str, name: str) -> Path:
 
 
 def download_command(repo_id: str) -> str:
-    target = f"ComfyUI/models/diffusers/{repo_id.split('/')[-1]}"
-    return f"hf download {repo_id} --local-dir {target}"
+    """The download that puts `repo_id` where the loader looks: ComfyUI's models/diffusers (an absolute path,
+    right from any folder) inside ComfyUI, the Hugging Face cache elsewhere (the command line)."""
+    dirs = comfy.diffusers_model_dirs()
+    if not dirs:
+        return f"hf download {repo_id}"
+    return f'hf download {repo_id} --local-dir "{dirs[0] / repo_id.split("/")[-1]}"'
 
 
 def resolve_model_path(model: str) -> Path:
@@ -313,7 +317,8 @@ def resolve_model_path(model: str) -> Path:
         raise LoadError(
             f"{model} is neither a folder under ComfyUI/models/diffusers nor in the Hugging Face cache, and "
             f"this pack never downloads ~58 GB inside a queue run. Download it first:\n  {download_command(model)}\n"
-            "then restart ComfyUI (or refresh) and pick it in the model list."
+            + ("then refresh ComfyUI (press R) and pick it in the model list." if comfy.in_comfyui() else
+               "then run the command again.")
         ) from None
 
 

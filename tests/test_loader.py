@@ -353,9 +353,19 @@ def test_folder_missing_a_component(L, tiny_dir_copy, tiny_2511_dir):
 
 
 def test_hub_id_not_cached_offline_gives_download_command(L, tiny_2511_dir):
-    with pytest.raises(L.LoadError, match=r"hf download Qwen/Qwen-Image-Edit-2511 --local-dir"):
+    """Outside ComfyUI the command fills the HF cache, where the loader looks; nothing about restarting ComfyUI."""
+    with pytest.raises(L.LoadError, match=r"hf download Qwen/Qwen-Image-Edit-2511\n") as info:
         L.get_pipeline(settings(L, "Qwen/Qwen-Image-Edit-2511"))
+    assert "ComfyUI (press R)" not in str(info.value) and "run the command again" in str(info.value)
     _assert_clean_then_valid_load_works(L, tiny_2511_dir)
+
+
+def test_inside_comfyui_the_download_command_names_the_absolute_folder(L, comfyui):
+    root = comfyui["folder_paths"].get_folder_paths("diffusers")[0]
+    with pytest.raises(L.LoadError) as info:
+        L.get_pipeline(settings(L, "Qwen/Qwen-Image-Edit-2511"))
+    assert f'--local-dir "{Path(root) / "Qwen-Image-Edit-2511"}"' in str(info.value)
+    assert Path(root).is_absolute() and "refresh ComfyUI (press R)" in str(info.value)
 
 
 def test_hub_id_in_cache_resolves(L, tiny_2511_dir, tmp_path, monkeypatch):

@@ -447,9 +447,8 @@ def comfy_models(pack: types.ModuleType, comfyui: dict, tmp_path: Path) -> Path:
     folder_paths = comfyui["folder_paths"]
     root = Path(folder_paths.get_folder_paths("diffusers")[0])
     for repo_id in loader.HUB_MODELS:
-        target = loader.download_command(repo_id).split("--local-dir", 1)[1].strip()
-        assert target.startswith("ComfyUI/models/diffusers/"), target
-        folder = root / target.removeprefix("ComfyUI/models/diffusers/")
+        folder = Path(loader.download_command(repo_id).split("--local-dir", 1)[1].strip().strip('"'))
+        assert folder.parent == root, folder  # the command names ComfyUI's own models/diffusers, absolute
         folder.mkdir(parents=True)
         (folder / "model_index.json").write_text('{"_class_name": "QwenImageEditPlusPipeline"}')
     for kind, names in COMFYUI_FILES.items():
