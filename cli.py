@@ -256,6 +256,10 @@ def build_parser(pack: types.ModuleType) -> argparse.ArgumentParser:
     })
     selftest.add_argument("--steps", type=_ranged("INT", "steps", {"min": 2, "max": 50}), default=2,
                           help="denoising steps (default: %(default)s)")
+    selftest.add_argument("--keep", type=Path, metavar="DIR",
+                          help="keep the tiny model (DIR/Qwen-Image-Edit-2511-tiny, a diffusers folder) and write "
+                               "input.png and output.png there: link the folder into ComfyUI/models/diffusers to try "
+                               "the whole flow in ComfyUI without the 58 GB model")
     return parser
 
 
@@ -532,8 +536,10 @@ def cmd_selftest(pack: types.ModuleType, args: argparse.Namespace) -> int:
     total = time.perf_counter()
     step = time.perf_counter()
     kit = load_tiny_kit()
-    with tempfile.TemporaryDirectory(prefix="qwen-edit-selftest-") as tmp:
-        folder = kit.save_tiny_pipeline(Path(tmp) / "Qwen-Image-Edit-2511-tiny", zero_cond_t=True)
+    with contextlib.ExitStack() as stack:
+        tmp = args.keep.expanduser().resolve() if args.keep else Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="qwen-edit-selftest-")))
+        folder = kit.save_tiny_pipeline(tmp / "Qwen-Image-Edit-2511-tiny", zero_cond_t=True)
         print(f"built a tiny random Qwen-Image-Edit-2511 in {time.perf_counter() - step:.1f} s: {folder}")
 
         step = time.perf_counter()
@@ -548,12 +554,18 @@ def cmd_selftest(pack: types.ModuleType, args: argparse.Namespace) -> int:
 
             step = time.perf_counter()
             image = image_utils.pil_to_tensor(kit.make_test_image(64, 64))
+            # 'custom' 64x64, not 'match': the pipeline re-encodes any input at ~1 MP, and 'match' would warn so.
             sampler_kwargs = {**node_defaults(sampler_node), "prompt": SELFTEST_PROMPT, "steps": args.steps,
-                              "size_mode": "match"}
+                              "size_mode": "custom", "width": 64, "height": 64}
             (result,) = sampler_node().edit(handle, image, **sampler_kwargs)
             seconds = time.perf_counter() - step
         finally:
             loader.release_pipeline()
+        if args.keep:
+            kit.make_test_image(64, 64).save(tmp / "input.png")
+            save_images(result, tmp / "output.png")
+            print(f"kept: {folder} (link it into ComfyUI/models/diffusers to run the example workflows on it), "
+                  f"{tmp / 'input.png'}, {tmp / 'output.png'}")
     problems = []
     if tuple(result.shape) != (1, 64, 64, 3):
         problems.append(f"output shape {tuple(result.shape)}, expected (1, 64, 64, 3)")

@@ -615,3 +615,15 @@ def test_doctor_verdict_follows_its_findings(run_main):
         assert "Warnings" in stdout and last == "The install is fine; 1 warning(s) above."
     else:  # a machine with room for the whole model
         assert last == "The install is fine."
+
+
+def test_selftest_keep_leaves_a_model_comfyui_can_list_and_the_images(run_main, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="qwen_image_edit"):
+        code, stdout, stderr = run_main("selftest", "--keep", tmp_path / "kept")
+    assert code == 0, stderr
+    kept = tmp_path / "kept"
+    assert (kept / "Qwen-Image-Edit-2511-tiny" / "model_index.json").is_file()
+    assert Image.open(kept / "output.png").size == (64, 64) and Image.open(kept / "input.png").size == (64, 64)
+    assert "re-encodes" not in stderr + stdout and not [r for r in caplog.records if "re-encodes" in r.getMessage()]
