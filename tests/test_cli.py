@@ -217,6 +217,7 @@ def test_edit_gives_what_the_nodes_give(cli, pack, run_main, tiny_2511_dir, inpu
     assert validate_prompt(prompt, specs) == []
 
 
+@pytest.mark.slow
 def test_edit_two_images_and_several_results(run_main, tiny_2511_dir, inputs, tmp_path):
     out = tmp_path / "two.png"
     code, stdout, stderr = run_main(
@@ -264,6 +265,7 @@ def test_model_name_finds_the_comfyui_models_folder(cli, monkeypatch, tmp_path):
     assert cli.resolve_model("Qwen/Qwen-Image-Edit-2509") == "Qwen/Qwen-Image-Edit-2509"
 
 
+@pytest.mark.slow
 def test_ctrl_c_cancels_cleanly(tiny_2511_dir, inputs, tmp_path):
     """First Ctrl-C stops at the end of the current step: exit 130, a clear message, no file written."""
     out = tmp_path / "cancelled.png"
@@ -300,6 +302,7 @@ def test_ctrl_c_cancels_cleanly(tiny_2511_dir, inputs, tmp_path):
 # -- doctor ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_doctor_json_from_another_directory(tmp_path):
     """`python cli.py doctor --json` as a user runs it: versions, checks, devices, recommendations."""
     import importlib.metadata
@@ -527,6 +530,7 @@ def test_doctor_without_comfyui(doctor, cli, run_main, tmp_path):
 # -- selftest --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_selftest_from_another_directory(tmp_path):
     """`python cli.py selftest` on a CPU-only machine, end to end, from a directory outside the repo."""
     done = subprocess.run([sys.executable, str(CLI), "selftest"], cwd=tmp_path, capture_output=True, text=True,

@@ -232,6 +232,7 @@ def _refused(pack: types.ModuleType, match: str, **files: str) -> None:
     assert loader.current_pipeline() is None
 
 
+@pytest.mark.slow
 def test_wrong_files_are_refused_by_name_and_leave_the_cache_usable(pack, files_env, exported, tmp_path,
                                                                      folder_reference) -> None:
     from safetensors.torch import load_file
@@ -355,6 +356,7 @@ def test_exported_folder_has_no_weights(exported) -> None:
     assert not list(folder.rglob("*.safetensors")) and (folder / "model_index.json").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["scaled_fp8", "gguf_q8_0"])
 def test_a_lora_applies_to_quantized_files_and_comes_off_cleanly(pack, files_env, loras, fmt) -> None:
     """LoRAs work on fp8 and GGUF transformers (PEFT wraps the hooked / GGUF linear layers)."""

@@ -445,6 +445,7 @@ def test_invalid_settings_are_refused(L, field, value):
         L.LoadSettings(**{"model": "x", field: value})
 
 
+@pytest.mark.slow
 def test_unused_lm_head_is_dropped_without_changing_the_edit(L, tiny_2511_dir):
     from diffusers import QwenImageEditPlusPipeline
 

@@ -242,6 +242,7 @@ def test_node_returns_a_new_handle_and_loads_nothing(mods, handle, lora_node, lo
 # -- applying --------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_strength_one_applies_the_lora_exactly_as_peft_does(sampler, handle, lora_node, loras, mods, reference):
     """Node output at strength 1 == the same PEFT adapter added to a pipeline directly (scale alpha/r = 2)."""
     from peft import set_peft_model_state_dict
@@ -256,6 +257,7 @@ def test_strength_one_applies_the_lora_exactly_as_peft_does(sampler, handle, lor
     assert torch.equal(out, direct(reference, S))
 
 
+@pytest.mark.slow
 def test_strength_zero_and_removal_give_the_base_model_bit_for_bit(sampler, handle, lora_node, loras, mods):
     L = mods[0]
     transformer = L.current_pipeline().pipe.transformer
@@ -269,6 +271,7 @@ def test_strength_zero_and_removal_give_the_base_model_bit_for_bit(sampler, hand
     assert mods[1].loaded_adapters(L.current_pipeline()) == {}
 
 
+@pytest.mark.slow
 def test_changing_strength_reuses_the_adapter_and_never_reloads(sampler, handle, lora_node, loras, mods,
                                                                 load_counter, monkeypatch):
     L = mods[0]
@@ -289,6 +292,7 @@ def test_changing_strength_reuses_the_adapter_and_never_reloads(sampler, handle,
     assert L.current_pipeline().pipe is pipe
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")  # the reference's 2nd load
 def test_two_chained_loras_both_apply(sampler, handle, lora_node, loras, mods, reference):
     L, LO, S = mods
@@ -311,6 +315,7 @@ def test_two_chained_loras_both_apply(sampler, handle, lora_node, loras, mods, r
     assert not torch.equal(both, direct(reference, S))  # B changes the result
 
 
+@pytest.mark.slow
 def test_switching_loras_deletes_the_unused_adapter(sampler, handle, lora_node, loras, mods):
     L, LO, _ = mods
     edit(sampler, with_loras(lora_node, handle, (loras["a"], 1.0)))
@@ -328,6 +333,7 @@ def test_switching_loras_deletes_the_unused_adapter(sampler, handle, lora_node, 
     assert torch.equal(edit(sampler, only_b), out)  # same as B on a fresh pipeline
 
 
+@pytest.mark.slow
 def test_replaced_file_is_reloaded(sampler, handle, lora_node, loras, mods, tmp_path):
     L, LO, _ = mods
     path = tmp_path / "mine.safetensors"
@@ -376,6 +382,7 @@ def test_non_diffusers_key_formats_load_as_the_same_lora(handle, lora_node, lora
     ("wide", r"qwen_wide\.safetensors does not fit this model's layer sizes \(transformer_blocks\.0\.attn\.to_q "
              r"has 64 inputs, the LoRA 3072"),
 ])
+@pytest.mark.slow
 def test_wrong_lora_is_refused_and_the_pipe_is_unchanged(sampler, handle, lora_node, loras, mods, key, match):
     L, LO, _ = mods
     with_a = with_loras(lora_node, handle, (loras["a"], 1.0))
@@ -461,6 +468,7 @@ def count_transformer_calls(pipe):
     return calls, handle
 
 
+@pytest.mark.slow
 def test_lightning_lora_uses_its_scheduler_steps_and_cfg_then_restores(sampler, handle, lora_node, loras, mods,
                                                                       reference):
     """At the sampler's defaults (40 steps, CFG 4) a 4-step Lightning LoRA runs 4 steps without CFG on the
@@ -497,6 +505,7 @@ def test_lightning_respects_steps_and_cfg_the_user_set(sampler, handle, lora_nod
     assert len(calls) == 6  # 3 steps x (cond + uncond)
 
 
+@pytest.mark.slow
 def test_lightning_chosen_explicitly_and_turned_off(sampler, handle, lora_node, loras, mods):
     pipe = mods[0].current_pipeline().pipe
     own = pipe.scheduler

@@ -255,6 +255,7 @@ def test_the_source_check_catches_what_it_should(tmp_path, monkeypatch):
     assert source_problems(good) == []
 
 
+@pytest.mark.slow
 def test_bitsandbytes_optional_kernel_warning_is_silenced_once_the_pack_is_loaded():
     """bitsandbytes warns at import that it cannot fetch an optional CPU kernel: noise on every path."""
     import subprocess

@@ -66,6 +66,7 @@ def test_nf4_text_encoder_on_cpu_edits_with_the_vision_tower_unquantized(L, samp
     L.release_pipeline()
 
 
+@pytest.mark.slow
 def test_a_pipeline_whose_first_edit_fails_is_not_kept(L, sampler, tiny_2511_dir, monkeypatch):
     handle = _load(L, tiny_2511_dir)
     first = L.current_pipeline()
@@ -104,6 +105,7 @@ def test_nan_weights_stop_the_edit_with_a_cause(L, S, sampler, tiny_2511_dir):
     L.release_pipeline()
 
 
+@pytest.mark.slow
 def test_a_nan_lora_is_named(L, S, sampler, pack, tiny_2511_dir, tmp_path):
     config, sd = make_lora(MLP, r=2, alpha=2, seed=5)
     sd = {k: torch.full_like(v, float("nan")) if "lora_B" in k else v for k, v in sd.items()}
@@ -288,6 +290,7 @@ def test_every_error_the_pack_raises_has_one_root(pack, S):
         S.validate(S.EditRequest("make it red"), [torch.zeros(1, 8, 8, 3, dtype=torch.int64)])
 
 
+@pytest.mark.slow
 def test_a_cancelled_edit_puts_offloaded_components_back(L, pack, sampler, tiny_2511_dir, monkeypatch):
     """The pipeline's own maybe_free_model_hooks runs only after a finished call; a cancel must run it too."""
     bridge = importlib.import_module(f"{pack.__name__}.utils.comfy")

@@ -56,6 +56,7 @@ def test_output_shape_dtype_range(sampler, handle):
     assert 0 <= out.min() and out.max() <= 1 and out.is_contiguous()
 
 
+@pytest.mark.slow
 def test_seed_reproduces_bit_for_bit_and_changes_output(sampler, handle):
     a = edit(sampler, handle, image(), seed=7)
     b = edit(sampler, handle, image(), seed=7)
@@ -64,6 +65,7 @@ def test_seed_reproduces_bit_for_bit_and_changes_output(sampler, handle):
     assert not torch.equal(a, c)
 
 
+@pytest.mark.slow
 def test_node_equals_direct_pipeline_call(sampler, handle, mods, tiny_2511_dir):
     """The node adds no hidden change: same pixels as QwenImageEditPlusPipeline with the same arguments."""
     L = mods[0]
@@ -77,6 +79,7 @@ def test_node_equals_direct_pipeline_call(sampler, handle, mods, tiny_2511_dir):
     assert torch.equal(node, direct.permute(0, 2, 3, 1).float())
 
 
+@pytest.mark.slow
 def test_auto_size_matches_pipeline_default(sampler, handle, mods):
     S = mods[1]
     out = edit(sampler, handle, image(64, 32), size_mode="auto", steps=2)
@@ -96,6 +99,7 @@ def test_custom_size_floors_to_16(sampler, handle):
     assert tuple(out.shape[1:3]) == (32, 96)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [2, 3])
 def test_two_and_three_images(sampler, handle, n):
     extra = {"image2": image(48, 48, seed=5)}
@@ -106,6 +110,7 @@ def test_two_and_three_images(sampler, handle, n):
     assert out.shape == one.shape and not torch.equal(out, one)
 
 
+@pytest.mark.slow
 def test_batch_gives_one_edit_each_with_seed_plus_index(sampler, handle):
     batch = image(batch=3)
     out = edit(sampler, handle, batch, seed=10)
@@ -114,6 +119,7 @@ def test_batch_gives_one_edit_each_with_seed_plus_index(sampler, handle):
     assert torch.equal(out[2:3], alone)
 
 
+@pytest.mark.slow
 def test_batched_image2_shared_and_matched(sampler, handle):
     shared = edit(sampler, handle, image(batch=2), image2=image(seed=4))
     matched = edit(sampler, handle, image(batch=2), image2=image(seed=4, batch=2))
@@ -126,6 +132,7 @@ def test_mismatched_batch_is_refused(sampler, handle, mods):
         edit(sampler, handle, image(batch=3), image2=image(batch=2))
 
 
+@pytest.mark.slow
 def test_images_per_prompt(sampler, handle):
     out = edit(sampler, handle, image(batch=2), images_per_prompt=2, steps=2)
     assert out.shape == (4, 64, 64, 3)
@@ -141,6 +148,7 @@ def test_cfg_off_passes_no_negative_prompt(mods):
     assert on["generator"].device.type == "cpu"
 
 
+@pytest.mark.slow
 def test_cfg_scale_changes_result(sampler, handle):
     assert not torch.equal(edit(sampler, handle, image(), true_cfg_scale=1.0),
                            edit(sampler, handle, image(), true_cfg_scale=4.0))
@@ -149,6 +157,7 @@ def test_cfg_scale_changes_result(sampler, handle):
 # -- progress and cancel ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_progress_fires_once_per_step(sampler, handle, comfyui, mods):
     updates = []
     comfyui["comfy.utils"].set_progress_bar_global_hook(lambda v, t, p, node_id=None: updates.append((v, t)))
@@ -156,6 +165,7 @@ def test_progress_fires_once_per_step(sampler, handle, comfyui, mods):
     assert updates == [(i, 6) for i in range(1, 7)]
 
 
+@pytest.mark.slow
 def test_cancel_stops_without_decode_and_pipeline_still_works(sampler, handle, comfyui, mods, monkeypatch):
     L = mods[0]
     pipe = L.get_pipeline(handle.settings).pipe
@@ -192,6 +202,7 @@ def test_cancel_outside_comfyui(sampler, handle, mods):
     assert edit(sampler, handle, image(), steps=2).shape == (1, 64, 64, 3)
 
 
+@pytest.mark.slow
 def test_out_of_memory_while_sampling(sampler, handle, mods, monkeypatch):
     """Failure injection: the transformer runs out of memory; the message says what to change."""
     L, S = mods[0], mods[1]

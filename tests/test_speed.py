@@ -110,6 +110,7 @@ def test_node_returns_a_new_handle_and_keeps_loras(mods, handle, speed_node):
     assert out.speed == S.SpeedOptions(cache="first_block", cache_threshold=0.1)
 
 
+@pytest.mark.slow
 def test_all_off_is_the_untouched_pipeline(sampler, handle, speed_node, mods):
     L, S, _ = mods
     base = base_edit(sampler, handle)
@@ -150,6 +151,7 @@ def test_missing_kernel_package_falls_back_with_diffusers_reason(sampler, handle
     assert processor_backends(L.current_pipeline().pipe.transformer) == {None}
 
 
+@pytest.mark.slow
 def test_attention_backend_is_set_and_fully_reverted(sampler, handle, mods):
     """A backend that runs on CPU (SDPA's math kernel) is applied to every processor, then undone."""
     from diffusers.models.attention_dispatch import _AttentionBackendRegistry
@@ -167,6 +169,7 @@ def test_attention_backend_is_set_and_fully_reverted(sampler, handle, mods):
     assert _AttentionBackendRegistry.get_active_backend()[0] == global_before
 
 
+@pytest.mark.slow
 def test_attention_kernel_failing_at_run_time_falls_back(sampler, handle, mods, caplog):
     """cuDNN attention sets fine but has no CPU kernel: the first edit fails inside attention, then reruns native."""
     L, S, _ = mods
@@ -181,6 +184,7 @@ def test_attention_kernel_failing_at_run_time_falls_back(sampler, handle, mods, 
 # -- step cache ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_first_block_cache_skips_steps_and_is_removed_cleanly(sampler, handle, speed_node, mods):
     L = mods[0]
     pipe = L.current_pipeline().pipe
@@ -196,12 +200,14 @@ def test_first_block_cache_skips_steps_and_is_removed_cleanly(sampler, handle, s
     assert not pipe.transformer.is_cache_enabled and diffusers_hooks(pipe.transformer) == []
 
 
+@pytest.mark.slow
 def test_first_block_cache_threshold_zero_matches_uncached(sampler, handle, speed_node):
     base = base_edit(sampler, handle, steps=3)
     torch.testing.assert_close(edit(sampler, fast(speed_node, handle, cache="first_block", cache_threshold=0.0),
                                     steps=3), base, rtol=0, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_taylorseer_predicts_steps_and_switches_with_first_block(sampler, handle, speed_node, mods):
     L = mods[0]
     pipe = L.current_pipeline().pipe
@@ -219,6 +225,7 @@ def test_taylorseer_predicts_steps_and_switches_with_first_block(sampler, handle
     assert diffusers_hooks(pipe.transformer) == []
 
 
+@pytest.mark.slow
 def test_cache_state_is_reset_after_a_cancelled_edit(sampler, handle, speed_node, mods):
     """A cancelled edit never reaches the pipeline's own reset; the next edit must not reuse its cache."""
     C = mods[2]

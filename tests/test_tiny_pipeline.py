@@ -213,6 +213,7 @@ def test_from_pretrained_keeps_zero_cond_t(tiny_2511_dir: Path, tiny_2509_dir: P
     assert _load(tiny_2509_dir).transformer.config.zero_cond_t is False
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_images", [1, 2])
 def test_two_step_edit_returns_the_requested_size(tiny_2511_dir: Path, n_images: int):
     pipe = _load(tiny_2511_dir)
