@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import sys
 import threading
 import time
 import traceback
@@ -326,8 +327,14 @@ def resolve_model_path(model: str) -> Path:
 
 
 def device_choices() -> list[str]:
-    """The device combo: the fixed choices plus cuda:N when there are several GPUs."""
-    import torch
+    """The device combo: the fixed choices plus cuda:N when there are several GPUs.
+
+    Only asks torch when it is already imported (ComfyUI imports it long before it lists node inputs),
+    so `python cli.py --help` answers without loading it.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return list(DEVICES)
 
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     return list(DEVICES) + ([f"cuda:{i}" for i in range(count)] if count > 1 else [])

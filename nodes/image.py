@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from ..utils.image import FIT_MODES, SCALE_METHODS, scale_to_megapixels
+if TYPE_CHECKING:  # torch, numpy and PIL load when the node first runs, not when ComfyUI imports the pack
+    import torch
 
 
 class QwenImageEditImageScale:
@@ -22,6 +23,8 @@ class QwenImageEditImageScale:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
+        from ..utils.image import FIT_MODES, SCALE_METHODS
+
         return {
             "required": {
                 "image": ("IMAGE", {"tooltip": "The image (or batch) to scale."}),
@@ -92,6 +95,8 @@ class QwenImageEditImageScale:
     def scale(
         self, image: torch.Tensor, megapixels: float, multiple_of: str, method: str, fit: str
     ) -> tuple[torch.Tensor, int, int]:
+        from ..utils.image import scale_to_megapixels
+
         return scale_to_megapixels(image, float(megapixels), int(multiple_of), method, fit)
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from ..loaders import edit
 from ..loaders import pipeline as loader
 from ..utils import sampling
 from .loader import PIPE_TYPE
+
+if TYPE_CHECKING:  # torch loads when the node first runs, not when ComfyUI imports the pack
+    import torch
 
 
 class QwenImageEditSampler:
@@ -77,6 +79,8 @@ class QwenImageEditSampler:
              image2: torch.Tensor | None = None, image3: torch.Tensor | None = None) -> tuple[torch.Tensor]:
         req = sampling.EditRequest(prompt, negative_prompt, seed, steps, true_cfg_scale, size_mode, width, height,
                                    images_per_prompt)
+        from ..loaders import edit
+
         return (edit.edit(pipe, req, [image, image2, image3]),)
 
 

@@ -631,3 +631,18 @@ def test_selftest_keep_leaves_a_model_comfyui_can_list_and_the_images(run_main, 
     assert (kept / "Qwen-Image-Edit-2511-tiny" / "model_index.json").is_file()
     assert Image.open(kept / "output.png").size == (64, 64) and Image.open(kept / "input.png").size == (64, 64)
     assert "re-encodes" not in stderr + stdout and not [r for r in caplog.records if "re-encodes" in r.getMessage()]
+
+
+def test_help_answers_without_importing_torch():
+    """`python cli.py --help` (and `edit --help`) must not wait seconds for torch (issue 12)."""
+    code = ("import runpy, sys\n"
+            "for argv in (['cli.py', '--help'], ['cli.py', 'edit', '--help']):\n"
+            "    sys.argv = argv\n"
+            "    try:\n"
+            "        runpy.run_path('cli.py', run_name='__main__')\n"
+            "    except SystemExit:\n"
+            "        pass\n"
+            "print('torch' in sys.modules, 'numpy' in sys.modules)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=CLI.parent, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "False False"

@@ -13,12 +13,12 @@ import logging
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .errors import QwenEditError
-from .image import validate_image
+
+if TYPE_CHECKING:  # torch loads with the first edit, not with the pack
+    import torch
 
 log = logging.getLogger("qwen_image_edit")
 
@@ -113,6 +113,8 @@ def output_size(req: EditRequest, first_width: int, first_height: int) -> tuple[
 
 def validate(req: EditRequest, images: list[torch.Tensor | None]) -> list[torch.Tensor]:
     """Check everything before any weights move; return the images that are present."""
+    from .image import validate_image
+
     if req.size_mode not in SIZE_MODES:
         raise EditError(f"size_mode must be one of {', '.join(SIZE_MODES)}, not {req.size_mode!r}.")
     if not isinstance(req.prompt, str) or not req.prompt.strip():
@@ -161,6 +163,12 @@ def validate(req: EditRequest, images: list[torch.Tensor | None]) -> list[torch.
     return present
 
 
+def _cpu_generator(seed: int) -> torch.Generator:
+    import torch
+
+    return torch.Generator("cpu").manual_seed(seed)
+
+
 def pipeline_kwargs(req: EditRequest, pil_images: list[Any], width: int, height: int, seed: int) -> dict[str, Any]:
     """The exact arguments given to QwenImageEditPlusPipeline for one batch item."""
     use_cfg = req.true_cfg_scale > 1
@@ -173,7 +181,7 @@ def pipeline_kwargs(req: EditRequest, pil_images: list[Any], width: int, height:
         "width": width,
         "num_inference_steps": req.steps,
         "num_images_per_prompt": req.images_per_prompt,
-        "generator": torch.Generator("cpu").manual_seed(seed % _SEED_MOD),
+        "generator": _cpu_generator(seed % _SEED_MOD),
         "output_type": "pt",
     }
 
