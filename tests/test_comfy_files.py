@@ -285,6 +285,11 @@ def test_without_a_diffusers_folder_comfyuis_tokenizer_and_the_shipped_configs_s
     tokenizer, processor = from_files.load_tokenizer_and_processor(source)
     assert tp.count_prefix_tokens(tokenizer) == tp.PROMPT_TEMPLATE_DROP_TOKENS
     assert processor.image_processor.patch_size == 14 and processor.image_processor.merge_size == 2
+    # The pipeline's own processor call: the image placeholder grows to the image's merged patch count.
+    text = tp.PROMPT_TEMPLATE.format("Picture 1: <|vision_start|><|image_pad|><|vision_end|>make it red")
+    inputs = processor(text=[text], images=[tp.make_test_image(384, 384)], padding=True, return_tensors="pt")
+    t, h, w = inputs["image_grid_thw"][0].tolist()
+    assert inputs["input_ids"][0].tolist().count(tokenizer.convert_tokens_to_ids("<|image_pad|>")) == t * h * w // 4
     # The shipped configs are the real model's: the tiny files are refused by shape, before any weight loads.
     _refused(pack, "tiny_vae.safetensors does not fit the Qwen-Image VAE", diffusion_model="tiny_2511_bf16.safetensors")
 
