@@ -239,3 +239,37 @@ def test_low_memory_example_on_a_cpu_says_what_to_change(server: Server):
     assert entry["status"]["status_str"] == "error"
     messages = json.dumps(entry["status"]["messages"])
     assert "quantization" in messages and "CUDA" in messages, messages
+
+
+#: Runs with COMFYUI_PYTHON: ComfyUI's own model_management with the pack's hook on it, no server.
+EVICTION_PROBE = r"""
+import importlib, json, sys
+comfyui, repo, folder = sys.argv[1:4]
+sys.path.insert(0, comfyui)
+from comfy.cli_args import args
+args.cpu = True
+import comfy.model_management as mm
+sys.path.insert(0, repo)
+from cli import load_pack
+from tinykit.tiny_pipeline import save_tiny_pipeline
+pack = load_pack()
+loader = importlib.import_module(pack.__name__ + ".loaders.pipeline")
+loader.get_pipeline(loader.LoadSettings(str(save_tiny_pipeline(folder)), precision="float32", device="cpu",
+                                        quantization="none", offload="none"))
+device = mm.get_torch_device()
+free = mm.get_free_memory(device)
+mm.free_memory(free // 2, device)  # a native load that fits in what is free
+kept = loader.current_pipeline() is not None
+mm.free_memory(free * 4, device)  # a native load that needs more than is free
+print(json.dumps({"kept": kept, "released": loader.current_pipeline() is None}))
+"""
+
+
+def test_comfyuis_memory_manager_evicts_the_pipeline_for_a_native_load(tmp_path):
+    """ComfyUI calls model_management.free_memory(needed, device) before loading one of its models."""
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    result = subprocess.run([python, "-c", EVICTION_PROBE, COMFYUI, str(REPO), str(tmp_path / "tiny")],
+                            capture_output=True, text=True, timeout=600, cwd=COMFYUI,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == {"kept": True, "released": True}
