@@ -385,3 +385,12 @@ def text_encoder_key(key: str) -> str:
     if key.startswith("model.") and not key.startswith(("model.language_model.", "model.visual.")):
         return "model.language_model." + key[len("model."):]
     return key
+
+
+def original_text_encoder_key(key: str) -> str:
+    """transformers 5's module name -> the original layout ComfyUI's files use (inverse of text_encoder_key)."""
+    if key.startswith("model.visual."):
+        return key[len("model."):]
+    if key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model."):]
+    return key

@@ -33,7 +33,14 @@ from pathlib import Path
 from typing import Any
 
 from ..utils import comfy
-from .comfy_files import ComfyFile, check_shapes, inspect_file, read_tensors, text_encoder_key
+from .comfy_files import (
+    ComfyFile,
+    check_shapes,
+    inspect_file,
+    original_text_encoder_key,
+    read_tensors,
+    text_encoder_key,
+)
 from .weights import ComponentInfo, ModelFolder, ModelFolderError
 
 log = logging.getLogger("qwen_image_edit")
@@ -186,7 +193,7 @@ def load_text_encoder(file: ComfyFile, source: ConfigSource, dtype: Any, quantiz
 
     config = AutoConfig.from_pretrained(str(source.root / "text_encoder"), local_files_only=True)
     meta = _meta_model(lambda: Qwen2_5_VLForConditionalGeneration(config))
-    expected = {_original_key(k): s for k, s in _expected_shapes(meta).items()}
+    expected = {original_text_encoder_key(k): s for k, s in _expected_shapes(meta).items()}
     check_shapes(file, expected, "the Qwen2.5-VL text encoder", optional=("lm_head.",))
     tensors, scales = read_tensors(file, keep_fp8=True)
     if _has_fp8(tensors):
@@ -199,15 +206,6 @@ def load_text_encoder(file: ComfyFile, source: ConfigSource, dtype: Any, quantiz
     return Qwen2_5_VLForConditionalGeneration.from_pretrained(
         None, config=config, state_dict=tensors, dtype=dtype, quantization_config=quantization,
     ).eval()
-
-
-def _original_key(key: str) -> str:
-    """transformers 5's module name -> the original layout the files use (inverse of text_encoder_key)."""
-    if key.startswith("model.visual."):
-        return key[len("model."):]
-    if key.startswith("model.language_model."):
-        return "model." + key[len("model.language_model."):]
-    return key
 
 
 def load_vae(file: ComfyFile, source: ConfigSource, dtype: Any) -> Any:
