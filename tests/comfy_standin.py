@@ -4,8 +4,8 @@ ComfyUI is not a pip package, so CI cannot import the real thing. This reproduce
 names and behaviour as ComfyUI 0.8.0's source, exactly the API `utils/comfy.py` uses:
 `comfy.model_management` (device, interrupt flag and exception, free_memory / unload_all_models /
 get_free_memory, soft_empty_cache),
-`comfy.utils.ProgressBar` with its global hook, and `folder_paths`. `tests/test_comfyui_real.py`
-runs the same checks against a real ComfyUI checkout when COMFYUI_PATH is set.
+`comfy.utils.ProgressBar` with its global hook, `comfy.utils.common_upscale`, and `folder_paths`.
+`tests/test_comfyui_real.py` runs the same checks against a real ComfyUI checkout when COMFYUI_PATH is set.
 """
 
 from __future__ import annotations
@@ -83,6 +83,33 @@ def install(models_dir: Path) -> dict[str, types.ModuleType]:
         utils.PROGRESS_BAR_HOOK = hook
 
     utils.set_progress_bar_global_hook = set_progress_bar_global_hook
+
+    def common_upscale(samples, width, height, upscale_method, crop):
+        # ComfyUI's semantics for 4-D samples [B, C, H, W]: crop="center" trims the longer side by
+        # round(excess / 2) at each end, lanczos is PIL's on 8-bit frames (truncated, not rounded),
+        # every other method is F.interpolate without antialias; no bislerp here.
+        if crop == "center":
+            h, w = samples.shape[-2:]
+            aspect, target = w / h, width / height
+            if aspect > target:
+                cut = round((w - w * (target / aspect)) / 2)
+                samples = samples[..., :, cut : w - cut]
+            elif aspect < target:
+                cut = round((h - h * (aspect / target)) / 2)
+                samples = samples[..., cut : h - cut, :]
+        if upscale_method == "bislerp":
+            raise NotImplementedError("the stand-in has no bislerp")
+        if upscale_method != "lanczos":
+            return torch.nn.functional.interpolate(samples, size=(height, width), mode=upscale_method)
+        import numpy as np
+        from PIL import Image
+
+        frames = np.clip(255.0 * samples.movedim(1, -1).cpu().numpy(), 0, 255).astype(np.uint8)
+        resized = [np.asarray(Image.fromarray(f).resize((width, height), Image.Resampling.LANCZOS)) for f in frames]
+        out = torch.from_numpy(np.stack(resized).astype(np.float32) / 255.0).movedim(-1, 1)
+        return out.to(samples.device, samples.dtype)
+
+    utils.common_upscale = common_upscale
 
     folder_paths = types.ModuleType("folder_paths")
     folders = {name: [str(models_dir / name)] for name in ("diffusers", "loras", "diffusion_models", "text_encoders", "vae")}

@@ -37,6 +37,16 @@ def in_comfyui() -> bool:
     return _comfy_modules() is not None
 
 
+def comfy_upscale() -> Callable[..., Any] | None:
+    """ComfyUI's `comfy.utils.common_upscale(samples [B,C,H,W], width, height, upscale_method, crop)`,
+    or None outside ComfyUI."""
+    if not in_comfyui():
+        return None
+    import comfy.utils
+
+    return comfy.utils.common_upscale
+
+
 def default_device() -> str:
     """ComfyUI's device inside ComfyUI; otherwise the first of cuda, mps, xpu, cpu that exists."""
     import torch

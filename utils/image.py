@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from . import comfy
 from .errors import ImageError, ImageTypeError
 
 Color = Tuple[float, float, float]
@@ -336,88 +337,42 @@ def scaled_size(
     return kw * multiple, kh * multiple
 
 
-def _same_parity(value: float, ref: int, low: int, high: Optional[int] = None) -> int:
-    """The integer nearest ``value`` with ``ref``'s parity, within ``[low, high]`` (same parity)."""
-    n = max(ref + 2 * round((value - ref) / 2), low)
-    return n if high is None else min(n, high)
+# -- Resizing, cropping and padding (the Image Scale node) ----------------------------------------
+
+_COMFY_METHODS = {"nearest": "nearest-exact"}
+"""The node's method names that ComfyUI's ``common_upscale`` spells differently; the rest are the same."""
 
 
-def _lowest(ref: int) -> int:
-    return 2 if ref % 2 == 0 else 1
+def _resize(planar: torch.Tensor, width: int, height: int, method: str) -> torch.Tensor:
+    """``[B, C, H, W]`` to exactly ``width x height``: ComfyUI's ``common_upscale`` inside ComfyUI.
 
-
-def _interpolate(x: torch.Tensor, width: int, height: int, method: str) -> torch.Tensor:
-    """Resize ``[B, H, W, 3]`` float32 with torch; returns a new contiguous tensor."""
-    in_h, in_w = x.shape[1], x.shape[2]
+    Elsewhere the same resamplers: PIL's lanczos on 8-bit frames (rounded where ComfyUI truncates,
+    so they differ by about 1/255) and torch's ``interpolate``, except that bilinear and bicubic are
+    antialiased when shrinking (ComfyUI's are not).
+    """
+    in_h, in_w = planar.shape[-2:]
     if (in_h, in_w) == (height, width):
-        return x.clone()
-    shrinking = height < in_h or width < in_w
-    planar = x.permute(0, 3, 1, 2)
-    if method == "nearest":
-        out = F.interpolate(planar, size=(height, width), mode="nearest-exact")
-    elif method == "area" and height <= in_h and width <= in_w:
-        out = F.interpolate(planar, size=(height, width), mode="area")
-    else:
-        mode = "bilinear" if method == "area" else method
-        out = F.interpolate(planar, size=(height, width), mode=mode, align_corners=False, antialias=shrinking)
-    return out.permute(0, 2, 3, 1).contiguous()
-
-
-def _lanczos(
-    x: torch.Tensor, width: int, height: int, box: Optional[tuple[float, float, float, float]] = None
-) -> torch.Tensor:
-    """Resize ``[B, H, W, 3]`` with PIL's lanczos, one float plane at a time (no 8-bit rounding)."""
-    device = x.device
-    planes = x.detach().permute(0, 3, 1, 2).to("cpu", torch.float32).contiguous().numpy()
-    out = np.empty((planes.shape[0], 3, height, width), dtype=np.float32)
-    for b in range(planes.shape[0]):
-        for c in range(3):
-            plane = Image.fromarray(planes[b, c])
-            out[b, c] = np.asarray(plane.resize((width, height), Image.Resampling.LANCZOS, box=box))
-    return torch.from_numpy(out).permute(0, 2, 3, 1).contiguous().to(device)
-
-
-def _resize(x: torch.Tensor, width: int, height: int, method: str) -> torch.Tensor:
+        return planar.clone()
+    upscale = comfy.comfy_upscale()
+    if upscale is not None:
+        return upscale(planar, width, height, _COMFY_METHODS.get(method, method), "disabled")
     if method == "lanczos":
-        if (x.shape[1], x.shape[2]) == (height, width):
-            return x.clone()
-        return _lanczos(x, width, height)
-    return _interpolate(x, width, height, method)
+        frames = [frame.resize((width, height), Image.Resampling.LANCZOS) for frame in tensor_to_pil(planar.movedim(1, -1))]
+        return pil_to_tensor(frames).movedim(-1, 1).to(planar.device)
+    mode = _COMFY_METHODS.get(method, method)
+    antialias = mode in ("bilinear", "bicubic") and (height < in_h or width < in_w)
+    return F.interpolate(planar, size=(height, width), mode=mode, antialias=antialias)
 
 
-def _crop_to_cover(x: torch.Tensor, width: int, height: int, method: str) -> torch.Tensor:
-    """Scale so the image covers ``width x height``, then cut the overflow equally from both sides."""
-    in_h, in_w = int(x.shape[1]), int(x.shape[2])
-    scale = max(width / in_w, height / in_h)
-    src_w, src_h = width / scale, height / scale
-    if method == "lanczos":
-        box = ((in_w - src_w) / 2, (in_h - src_h) / 2, (in_w + src_w) / 2, (in_h + src_h) / 2)
-        return _lanczos(x, width, height, box)
-    if scale <= 1:
-        # Cut in source pixels (the finer grid here); same parity keeps the cut symmetric.
-        crop_w = _same_parity(src_w, in_w, _lowest(in_w), in_w)
-        crop_h = _same_parity(src_h, in_h, _lowest(in_h), in_h)
-        left, top = (in_w - crop_w) // 2, (in_h - crop_h) // 2
-        return _interpolate(x[:, top : top + crop_h, left : left + crop_w], width, height, method)
-    big_w = _same_parity(in_w * scale, width, width)
-    big_h = _same_parity(in_h * scale, height, height)
-    big = _interpolate(x, big_w, big_h, method)
-    left, top = (big_w - width) // 2, (big_h - height) // 2
-    return big[:, top : top + height, left : left + width].contiguous()
+def _centred(outer: int, ideal: float) -> tuple[int, int]:
+    """``(margin, inner)``: ``inner`` nearest ``ideal`` with equal margins both sides inside ``outer``.
 
-
-def _pad_to_fit(x: torch.Tensor, width: int, height: int, method: str, pad_color: Color) -> torch.Tensor:
-    """Scale so the image fits inside ``width x height``, then pad equally on both sides."""
-    in_h, in_w = int(x.shape[1]), int(x.shape[2])
-    scale = min(width / in_w, height / in_h)
-    inner_w = _same_parity(in_w * scale, width, _lowest(width), width)
-    inner_h = _same_parity(in_h * scale, height, _lowest(height), height)
-    inner = _resize(x, inner_w, inner_h, method)
-    canvas = torch.tensor(pad_color, dtype=x.dtype, device=x.device).expand(x.shape[0], height, width, 3)
-    canvas = canvas.contiguous()
-    left, top = (width - inner_w) // 2, (height - inner_h) // 2
-    canvas[:, top : top + inner_h, left : left + inner_w] = inner
-    return canvas
+    ``inner = outer - 2 * margin`` keeps ``outer``'s parity, so content stays centred to the pixel;
+    it never drops under 1 px (2 when ``outer`` is even). ComfyUI's ``crop="center"`` cuts by the
+    same rule but can reach 0 px for a very wide image, which is why the crop is done here.
+    """
+    margin = min(max(0, round((outer - ideal) / 2)), (outer - 1) // 2)
+    return margin, outer - 2 * margin
 
 
 def scale_image(
@@ -430,42 +385,47 @@ def scale_image(
 ) -> torch.Tensor:
     """Resize an IMAGE batch to exactly ``width x height``; returns ``[B, height, width, 3]`` 0..1.
 
-    ``fit``: "crop" scales to cover and cuts the overflow from the centre, "pad" scales to fit and
-    adds ``pad_color`` bars around the centre, "stretch" resizes to the size whatever the aspect.
-    Crop and pad are symmetric to the pixel (at most one pixel of aspect error in the finer grid),
-    so content stays centred.
-
-    ``method``: "lanczos" (PIL, on float planes, so no 8-bit rounding), "bicubic" and "bilinear"
-    (antialiased when shrinking), "area" (box average when shrinking; bilinear when enlarging,
-    where an average over less than a pixel is undefined), "nearest" (nearest-exact, which unlike
-    torch's legacy "nearest" does not shift the image by half a pixel). Any input size from 1x1
-    up is accepted. The result is on the input's device; the input is not modified.
+    ``fit``: "crop" cuts the source to the target's aspect, equally from opposite edges, then
+    resizes; "pad" resizes to fit inside and adds ``pad_color`` bars, equal on opposite edges;
+    "stretch" resizes whatever the aspect. ``method``: one of :data:`SCALE_METHODS`, through
+    ComfyUI's ``common_upscale`` inside ComfyUI ("nearest" is its "nearest-exact", which unlike
+    torch's legacy "nearest" does not shift the image by half a pixel). Any input size from 1x1 up
+    is accepted; the result is on the input's device and the input is not modified.
     """
+    for label, value in (("width", width), ("height", height)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ImageError(f"{label} must be a whole number >= 1; got {value!r}")
+    _check_scale_options(images, method, fit)
+    return _scale(images, int(width), int(height), method, fit, pad_color)
+
+
+def _check_scale_options(images: torch.Tensor, method: str, fit: str) -> None:
     if method not in SCALE_METHODS:
         raise ImageError(f"method must be one of {', '.join(SCALE_METHODS)}; got {method!r}")
     if fit not in FIT_MODES:
         raise ImageError(f"fit must be one of {', '.join(FIT_MODES)}; got {fit!r}")
-    for label, value in (("width", width), ("height", height)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ImageError(f"{label} must be a whole number >= 1; got {value!r}")
     validate_image(images, "image", min_side=1, max_aspect=None)
-    return _scale_valid(images, int(width), int(height), method, fit, pad_color)
 
 
-def _scale_valid(
-    images: torch.Tensor, width: int, height: int, method: str, fit: str, pad_color: Color
-) -> torch.Tensor:
+def _scale(images: torch.Tensor, width: int, height: int, method: str, fit: str, pad_color: Color) -> torch.Tensor:
     pad = _check_background(pad_color, "pad_color")
     if pad is None:
         raise ImageError("pad_color must be three floats 0..1 (R, G, B); got None")
-    x = to_rgb(images)
+    x = to_rgb(images).movedim(-1, 1)
+    in_h, in_w = x.shape[-2:]
     if fit == "stretch":
         out = _resize(x, width, height, method)
     elif fit == "crop":
-        out = _crop_to_cover(x, width, height, method)
+        left, keep_w = _centred(in_w, in_h * width / height)
+        top, keep_h = _centred(in_h, in_w * height / width)
+        out = _resize(x[..., top : top + keep_h, left : left + keep_w], width, height, method)
     else:
-        out = _pad_to_fit(x, width, height, method, pad)
-    return out.clamp_(0, 1)
+        scale = min(width / in_w, height / in_h)
+        left, inner_w = _centred(width, in_w * scale)
+        top, inner_h = _centred(height, in_h * scale)
+        out = torch.tensor(pad, dtype=x.dtype, device=x.device).view(1, 3, 1, 1).repeat(x.shape[0], 1, height, width)
+        out[..., top : top + inner_h, left : left + inner_w] = _resize(x, inner_w, inner_h, method)
+    return out.movedim(1, -1).contiguous().clamp_(0, 1)
 
 
 def scale_to_megapixels(
@@ -477,15 +437,8 @@ def scale_to_megapixels(
     pad_color: Color = BLACK,
     match_pipeline: bool = True,
 ) -> tuple[torch.Tensor, int, int]:
-    """:func:`scaled_size` (with ``match_pipeline``) then :func:`scale_image`.
-
-    Returns ``(image, width, height)``.
-    """
-    if method not in SCALE_METHODS:
-        raise ImageError(f"method must be one of {', '.join(SCALE_METHODS)}; got {method!r}")
-    if fit not in FIT_MODES:
-        raise ImageError(f"fit must be one of {', '.join(FIT_MODES)}; got {fit!r}")
-    validate_image(images, "image", min_side=1, max_aspect=None)
+    """:func:`scaled_size` (with ``match_pipeline``) then :func:`scale_image`; ``(image, width, height)``."""
+    _check_scale_options(images, method, fit)
     in_h, in_w = int(images.shape[-3]), int(images.shape[-2])
     width, height = scaled_size(in_w, in_h, megapixels, multiple, match_pipeline=match_pipeline)
-    return _scale_valid(images, width, height, method, fit, pad_color), width, height
+    return _scale(images, width, height, method, fit, pad_color), width, height
