@@ -183,6 +183,25 @@ def _device_type(node: type) -> Callable[[str], str]:
     return parse
 
 
+def add_model_options(parser: argparse.ArgumentParser, pack: types.ModuleType) -> None:
+    """The loader node's options and the ComfyUI-files options, shared by `edit` and `batch`."""
+    loader_node = pack.NODE_CLASS_MAPPINGS[LOADER_NODE]
+    model_help = ("a diffusers folder, a folder name under ComfyUI/models/diffusers, or a hub id already in the "
+                  "Hugging Face cache. Nothing is downloaded.")
+    load = parser.add_argument_group("model (the loader node's settings)")
+    add_node_options(load, loader_node, overrides={
+        "model": {"choices": None, "metavar": "PATH_OR_HUB_ID", "help": model_help + " (default: %(default)s)"},
+        "device": {"choices": None, "type": _device_type(loader_node), "metavar": "DEVICE",
+                   "help": _help(node_inputs(loader_node)["device"][1])},
+    })
+    files = parser.add_argument_group(
+        "ComfyUI model files (instead of a diffusers folder: give --model the diffusion model file)")
+    files.add_argument("--text-encoder", type=Path, metavar="PATH",
+                       help="the Qwen2.5-VL text encoder file, e.g. models/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors")
+    files.add_argument("--vae", type=Path, metavar="PATH",
+                       help="the Qwen-Image VAE file, e.g. models/vae/qwen_image_vae.safetensors")
+
+
 def build_parser(pack: types.ModuleType) -> argparse.ArgumentParser:
     loader_node = pack.NODE_CLASS_MAPPINGS[LOADER_NODE]
     sampler_node = pack.NODE_CLASS_MAPPINGS[SAMPLER_NODE]
@@ -190,7 +209,7 @@ def build_parser(pack: types.ModuleType) -> argparse.ArgumentParser:
         prog="python cli.py",
         description="Qwen-Image-Edit (diffusers) from the terminal, with the same nodes and defaults as in ComfyUI.",
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{edit,doctor,selftest}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{edit,batch,doctor,selftest}")
 
     edit = commands.add_parser(
         "edit", help="edit an image (the loader and sampler nodes, run from the terminal)",
@@ -205,22 +224,18 @@ def build_parser(pack: types.ModuleType) -> argparse.ArgumentParser:
                                 help=(options.get("tooltip") or "") + " (any image file Pillow reads)")
     images.add_argument("--output", "-o", required=True, type=Path, metavar="PATH",
                         help="where to write the result (PNG; several results are numbered: out_1.png, out_2.png, ...)")
-    model_help = ("a diffusers folder, a folder name under ComfyUI/models/diffusers, or a hub id already in the "
-                  "Hugging Face cache. Nothing is downloaded.")
-    load = edit.add_argument_group("model (the loader node's settings)")
-    add_node_options(load, loader_node, overrides={
-        "model": {"choices": None, "metavar": "PATH_OR_HUB_ID", "help": model_help + " (default: %(default)s)"},
-        "device": {"choices": None, "type": _device_type(loader_node), "metavar": "DEVICE",
-                   "help": _help(node_inputs(loader_node)["device"][1])},
-    })
-    files = edit.add_argument_group(
-        "ComfyUI model files (instead of a diffusers folder: give --model the diffusion model file)")
-    files.add_argument("--text-encoder", type=Path, metavar="PATH",
-                       help="the Qwen2.5-VL text encoder file, e.g. models/text_encoders/qwen_2.5_vl_7b_fp8_scaled.safetensors")
-    files.add_argument("--vae", type=Path, metavar="PATH",
-                       help="the Qwen-Image VAE file, e.g. models/vae/qwen_image_vae.safetensors")
+    add_model_options(edit, pack)
     sample = edit.add_argument_group("edit (the sampler node's settings)")
     add_node_options(sample, sampler_node, overrides={"prompt": {"required": True, "default": None}})
+
+    batch = commands.add_parser(
+        "batch", help="edit many images from a manifest (CSV/JSONL) or a folder; resumable; several GPUs or Ray",
+        description="One edit per manifest row (or per image in --input-dir, with --prompt), one PNG per row with its "
+                    "settings in the PNG text, and a results JSONL. A re-run skips rows already done with the same "
+                    "settings; a bad row is recorded as failed and the rest go on. Ctrl-C stops after the current "
+                    "step; finished rows are kept.",
+    )
+    batch_module().add_arguments(batch, pack)
 
     doctor = commands.add_parser(
         "doctor", help="what this machine can do and the loader settings it needs",
@@ -436,12 +451,9 @@ def _load(pack: types.ModuleType, loader_kwargs: dict[str, Any], node_name: str 
     return handle, loader.current_pipeline()
 
 
-def cmd_edit(pack: types.ModuleType, args: argparse.Namespace) -> int:
+def loader_settings(pack: types.ModuleType, args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """The loader node's inputs from `add_model_options`' options, and which loader node takes them."""
     loader_node = pack.NODE_CLASS_MAPPINGS[LOADER_NODE]
-    sampler_node = pack.NODE_CLASS_MAPPINGS[SAMPLER_NODE]
-    bridge = submodule(pack, "utils.comfy")
-    sampling = submodule(pack, "utils.sampling")
-
     loader_kwargs = {name: getattr(args, name) for name in node_defaults(loader_node)}
     node_name = LOADER_NODE
     if args.text_encoder or args.vae:
@@ -454,6 +466,30 @@ def cmd_edit(pack: types.ModuleType, args: argparse.Namespace) -> int:
                          "vae": str(args.vae.expanduser().resolve()), **loader_kwargs}
     else:
         loader_kwargs["model"] = resolve_model(loader_kwargs["model"])
+    return loader_kwargs, node_name
+
+
+def batch_module() -> types.ModuleType:
+    """batch.py (beside this file), imported by name so its worker processes and Ray actors import it too."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))
+    return importlib.import_module("batch")
+
+
+def cmd_batch(pack: types.ModuleType, args: argparse.Namespace) -> int:
+    batch = batch_module()
+    try:
+        return batch.run(pack, args)
+    except batch.BatchError as exc:
+        raise CliError(str(exc)) from None
+
+
+def cmd_edit(pack: types.ModuleType, args: argparse.Namespace) -> int:
+    sampler_node = pack.NODE_CLASS_MAPPINGS[SAMPLER_NODE]
+    bridge = submodule(pack, "utils.comfy")
+    sampling = submodule(pack, "utils.sampling")
+
+    loader_kwargs, node_name = loader_settings(pack, args)
     sampler_kwargs = {name: getattr(args, name) for name in node_defaults(sampler_node)}
     image_args = {name: getattr(args, name) for name, (kind, _) in node_inputs(sampler_node).items()
                   if kind == "IMAGE" and getattr(args, name) is not None}
@@ -584,7 +620,7 @@ def cmd_selftest(pack: types.ModuleType, args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"edit": cmd_edit, "doctor": cmd_doctor, "selftest": cmd_selftest}
+COMMANDS = {"edit": cmd_edit, "batch": cmd_batch, "doctor": cmd_doctor, "selftest": cmd_selftest}
 
 
 def _setup_logging() -> None:
