@@ -276,6 +276,8 @@ def plan_rows(cli: types.ModuleType, pack: types.ModuleType, rows: list[dict[str
                 else defaults["negative_prompt"]
             sampler = {**defaults, "prompt": "" if prompt is None else str(prompt), "negative_prompt": str(negative),
                        "seed": seed}
+            if not sampler["prompt"].strip():
+                raise BatchError("the prompt is empty: give the row a prompt (or --prompt for rows without one)")
             mask = _resolve(base, str(raw["mask"])) if raw.get("mask") is not None else None
             for kind, path in [*(("image", p) for p in images), ("mask", mask)]:
                 if path is not None and not Path(path).is_file():  # refused here: no model load for it
