@@ -23,7 +23,7 @@ class QwenImageEditImageScale:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        from ..utils.image import FIT_MODES, SCALE_METHODS
+        from ..utils.scale import FIT_MODES, SCALE_METHODS
 
         return {
             "required": {
@@ -54,8 +54,9 @@ class QwenImageEditImageScale:
                     {
                         "default": "lanczos",
                         "tooltip": "lanczos: sharpest, best for photos. bicubic / bilinear: "
-                        "smoother (antialiased when shrinking). area: box average, good for large "
-                        "reductions. nearest: hard pixels, for pixel art and masks.",
+                        "smoother, but ComfyUI's are not antialiased, so shrinking a lot can alias. "
+                        "area: box average, good for large reductions. nearest: hard pixels, for "
+                        "pixel art and masks.",
                     },
                 ),
                 "fit": (
@@ -95,7 +96,7 @@ class QwenImageEditImageScale:
     def scale(
         self, image: torch.Tensor, megapixels: float, multiple_of: str, method: str, fit: str
     ) -> tuple[torch.Tensor, int, int]:
-        from ..utils.image import scale_to_megapixels
+        from ..utils.scale import scale_to_megapixels
 
         return scale_to_megapixels(image, float(megapixels), int(multiple_of), method, fit)
 

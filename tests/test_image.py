@@ -46,6 +46,11 @@ def U() -> types.ModuleType:
 
 
 @pytest.fixture(scope="module")
+def S() -> types.ModuleType:
+    return _import("utils.scale")
+
+
+@pytest.fixture(scope="module")
 def node_module() -> types.ModuleType:
     return _import("nodes.image")
 
@@ -162,7 +167,7 @@ def test_uint8_tensor_is_read_as_0_to_255(U):
 
 
 @pytest.mark.gpu
-def test_gpu_tensor(U):
+def test_gpu_tensor(U, S):
     original = _random_uint8(2, 33, 65, 4, seed=6)
     cpu = torch.from_numpy(original).float() / 255
     gpu = cpu.cuda().to(torch.bfloat16).float()
@@ -173,9 +178,9 @@ def test_gpu_tensor(U):
         for a, b in zip(on_gpu, on_cpu):
             assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
     assert U.to_rgb(gpu).device.type == "cuda"
-    scaled = U.scale_image(gpu, 48, 32, "bicubic", "crop")
+    scaled = S.scale_image(gpu, 48, 32, "bicubic", "crop")
     assert scaled.device.type == "cuda" and scaled.shape == (2, 32, 48, 3)
-    assert U.scale_image(gpu, 48, 32, "lanczos", "pad").device.type == "cuda"
+    assert S.scale_image(gpu, 48, 32, "lanczos", "pad").device.type == "cuda"
     with pytest.raises(ValueError, match="NaN"):
         U.tensor_to_pil(torch.full((1, 2, 2, 3), float("nan"), device="cuda"))
 
@@ -234,7 +239,7 @@ def test_empty_refused(U, shape):
         U.validate_image(torch.zeros(shape), "image")
 
 
-def test_nan_refused(U):
+def test_nan_refused(U, S):
     image = torch.rand(2, 16, 16, 3)
     image[1, 3, 4, 2] = float("nan")
     with pytest.raises(ValueError, match=r"^image contains NaN values; check the node that produced it$"):
@@ -242,7 +247,7 @@ def test_nan_refused(U):
     with pytest.raises(ValueError, match=r"^reference contains NaN values"):
         U.validate_image(image, "reference")
     with pytest.raises(ValueError, match="NaN"):
-        U.scale_image(image, 32, 32)
+        S.scale_image(image, 32, 32)
     image[1, 3, 4, 2] = float("inf")
     with pytest.raises(ValueError, match="infinite values"):
         U.validate_image(image)
@@ -267,8 +272,8 @@ def test_nan_in_dropped_alpha_is_harmless(U):
         (np.zeros((1, 8, 8, 3)), TypeError, "got ndarray"),
     ],
 )
-def test_malformed_refused(U, value, error, message):
-    for call in (U.tensor_to_pil, U.validate_image, U.to_rgb, lambda x: U.scale_image(x, 16, 16)):
+def test_malformed_refused(U, S, value, error, message):
+    for call in (U.tensor_to_pil, U.validate_image, U.to_rgb, lambda x: S.scale_image(x, 16, 16)):
         with pytest.raises(error, match=message):
             call(value)
 
@@ -368,11 +373,11 @@ FITS = ["crop", "pad", "stretch"]
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("fit", FITS)
 @pytest.mark.parametrize("source, target", [((45, 70), (64, 48)), ((301, 200), (96, 80)), ((3, 1), (32, 32))])
-def test_scale_image_shape_and_range(U, method, fit, source, target):
+def test_scale_image_shape_and_range(S, method, fit, source, target):
     torch.manual_seed(0)
     image = torch.rand(2, source[1], source[0], 3)
     before = image.clone()
-    out = U.scale_image(image, target[0], target[1], method, fit)
+    out = S.scale_image(image, target[0], target[1], method, fit)
     assert out.shape == (2, target[1], target[0], 3)
     assert out.dtype == torch.float32 and out.is_contiguous()
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
@@ -380,10 +385,10 @@ def test_scale_image_shape_and_range(U, method, fit, source, target):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_scale_to_same_size_is_identity(U, method):
+def test_scale_to_same_size_is_identity(S, method):
     image = torch.rand(1, 32, 48, 3)
     for fit in FITS:
-        assert torch.equal(U.scale_image(image, 48, 32, method, fit), image)
+        assert torch.equal(S.scale_image(image, 48, 32, method, fit), image)
 
 
 def _marker_image(width: int, height: int, side: int) -> torch.Tensor:
@@ -407,16 +412,16 @@ def _centroid(image: torch.Tensor) -> tuple[float, float]:
     "source, target",
     [((300, 200), (256, 256)), ((200, 300), (256, 256)), ((900, 600), (160, 128)), ((600, 900), (128, 160)), ((120, 80), (96, 96))],
 )
-def test_crop_and_pad_keep_content_centred(U, method, fit, source, target):
+def test_crop_and_pad_keep_content_centred(S, method, fit, source, target):
     image = _marker_image(source[0], source[1], side=40)
-    out = U.scale_image(image, target[0], target[1], method, fit)
+    out = S.scale_image(image, target[0], target[1], method, fit)
     cx, cy = _centroid(out)
     assert abs(cx - target[0] / 2) < 0.05 and abs(cy - target[1] / 2) < 0.05
 
 
-def test_pad_bars_are_symmetric_and_coloured(U):
+def test_pad_bars_are_symmetric_and_coloured(S):
     image = torch.full((1, 100, 200, 3), 0.5)
-    out = U.scale_image(image, 128, 128, "bilinear", "pad", pad_color=(1.0, 0.0, 0.0))
+    out = S.scale_image(image, 128, 128, "bilinear", "pad", pad_color=(1.0, 0.0, 0.0))
     column = out[0, :, 64]
     bar = (column == torch.tensor([1.0, 0.0, 0.0])).all(-1)
     top = int(bar[:64].sum())
@@ -424,31 +429,118 @@ def test_pad_bars_are_symmetric_and_coloured(U):
     torch.testing.assert_close(out[0, 64, 64], torch.full((3,), 0.5))
 
 
-def test_crop_cuts_equally(U):
+def test_crop_cuts_equally(S):
     """A 6x4 stripe pattern cropped to 4x4 at scale 1 loses one column each side."""
     image = torch.arange(6, dtype=torch.float32).div(10).view(1, 1, 6, 1).expand(1, 4, 6, 3)
     for method in ("bicubic", "nearest", "area", "bilinear"):
-        out = U.scale_image(image, 4, 4, method, "crop")
+        out = S.scale_image(image, 4, 4, method, "crop")
         torch.testing.assert_close(out, image[:, :, 1:5])
 
 
-def test_scale_image_refuses_nonsense(U):
+def test_scale_image_refuses_nonsense(S):
     image = torch.rand(1, 8, 8, 3)
     with pytest.raises(ValueError, match="method must be one of"):
-        U.scale_image(image, 8, 8, "cubic")
+        S.scale_image(image, 8, 8, "cubic")
     with pytest.raises(ValueError, match="fit must be one of"):
-        U.scale_image(image, 8, 8, "bicubic", "fill")
+        S.scale_image(image, 8, 8, "bicubic", "fill")
     with pytest.raises(ValueError, match="width must be"):
-        U.scale_image(image, 0, 8)
+        S.scale_image(image, 0, 8)
     with pytest.raises(ValueError, match="pad_color"):
-        U.scale_image(image, 8, 8, "bicubic", "pad", pad_color=(2, 0, 0))
+        S.scale_image(image, 8, 8, "bicubic", "pad", pad_color=(2, 0, 0))
 
 
-def test_scale_image_converts_channels(U):
+def test_scale_image_converts_channels(S):
     rgba = torch.zeros(1, 8, 8, 4)
-    out = U.scale_image(rgba, 16, 16, "nearest", "stretch")
+    out = S.scale_image(rgba, 16, 16, "nearest", "stretch")
     assert out.shape == (1, 16, 16, 3)
     torch.testing.assert_close(out, torch.ones_like(out))
+
+
+def test_shrinking_is_antialiased_outside_comfyui(S):
+    """A 1-px checkerboard shrunk 2.5x averages to flat gray, not to a moire pattern."""
+    board = (torch.arange(100).view(-1, 1) + torch.arange(100)).remainder(2).float()
+    image = board.view(1, 100, 100, 1).expand(1, 100, 100, 3)
+    for method in ("bilinear", "bicubic"):
+        assert float(S.scale_image(image, 40, 40, method, "stretch").std()) < 0.02, method
+
+
+# ------------------------------------------------------------------------------------------------
+# Inside ComfyUI: common_upscale
+# ------------------------------------------------------------------------------------------------
+
+
+def _photo_like(width: int, height: int, seed: int = 0) -> torch.Tensor:
+    """8-bit values (as LoadImage gives): smooth shading plus a few hard edges."""
+    ys = torch.linspace(0, 1, height).view(-1, 1)
+    xs = torch.linspace(0, 1, width).view(1, -1)
+    r = 0.5 + 0.4 * torch.sin(7 * xs + 3 * ys)
+    g = 0.5 + 0.4 * torch.cos(4 * xs - 9 * ys)
+    b = ((xs * 5).floor() + (ys * 3).floor()).remainder(2) * 0.8 + 0.1
+    image = torch.stack([r, g, b.expand(height, width)], -1).unsqueeze(0)
+    return image.mul(255).round().div(255)
+
+
+#: (source, target, the fits that shrink the source along some axis)
+PARITY_CASES = [
+    ((301, 200), (96, 80), set(FITS)),
+    ((64, 48), (160, 128), set()),
+    ((45, 70), (64, 48), {"pad", "stretch"}),  # crop keeps 45x34 and enlarges it
+    ((4, 1), (16, 16), set()),  # a crop ComfyUI's own crop="center" cannot do: it leaves 0 px
+]
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("fit", FITS)
+@pytest.mark.parametrize("source, target, shrinking", PARITY_CASES)
+def test_comfyui_and_standalone_agree(S, request, method, fit, source, target, shrinking):
+    """Same size always; the same pixels on 8-bit input, except that ComfyUI's bilinear and bicubic
+    do not antialias a shrink (there only hard edges differ, a few 1/255 on average)."""
+    noise = torch.from_numpy(_random_uint8(2, source[1], source[0], 3, seed=8)).float() / 255
+    photo = _photo_like(*source)
+    standalone = [S.scale_image(x, *target, method, fit) for x in (noise, photo)]
+    request.getfixturevalue("comfyui")
+    inside = [S.scale_image(x, *target, method, fit) for x in (noise, photo)]
+    for a, b in zip(standalone, inside):
+        assert a.shape == b.shape == (a.shape[0], target[1], target[0], 3)
+        assert b.dtype == torch.float32 and b.is_contiguous()
+    if method in ("bilinear", "bicubic") and fit in shrinking:
+        assert float((standalone[1] - inside[1]).abs().mean()) < 3 / 255
+    else:
+        assert torch.equal(standalone[0], inside[0]) and torch.equal(standalone[1], inside[1])
+
+
+def test_inside_comfyui_every_resize_is_common_upscale(S, comfyui, monkeypatch):
+    calls = []
+    upscale = comfyui["comfy.utils"].common_upscale
+
+    def recording(samples, width, height, upscale_method, crop):
+        calls.append((tuple(samples.shape), width, height, upscale_method, crop))
+        return upscale(samples, width, height, upscale_method, crop)
+
+    monkeypatch.setattr(comfyui["comfy.utils"], "common_upscale", recording)
+    image = torch.rand(2, 30, 40, 3)
+    for method in METHODS:
+        for fit in FITS:
+            S.scale_image(image, 24, 24, method, fit)
+    comfy_names = {"nearest": "nearest-exact"}
+    expected = [((2, 3, 30, 30), 24, 24, comfy_names.get(m, m), "disabled") if fit == "crop"
+                else ((2, 3, 30, 40), 24, 18, comfy_names.get(m, m), "disabled") if fit == "pad"
+                else ((2, 3, 30, 40), 24, 24, comfy_names.get(m, m), "disabled")
+                for m in METHODS for fit in FITS]
+    assert calls == expected
+    calls.clear()
+    assert torch.equal(S.scale_image(image, 40, 30), image)
+    assert calls == []
+
+
+def test_node_gives_the_same_image_inside_comfyui(S, node_module, request):
+    image = _photo_like(640, 480)
+    node = node_module.QwenImageEditImageScale()
+    standalone = node.scale(image, 1.0, "16", "lanczos", "crop")
+    request.getfixturevalue("comfyui")
+    inside = node.scale(image, 1.0, "16", "lanczos", "crop")
+    assert standalone[1:] == inside[1:] == (1184, 896)
+    assert torch.equal(standalone[0], inside[0])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -504,6 +596,7 @@ def test_importing_is_cheap():
         f"pkg.__path__ = [{str(REPO)!r}]\n"
         f"sys.modules[{PACK!r}] = pkg\n"
         f"importlib.import_module('{PACK}.utils.image')\n"
+        f"importlib.import_module('{PACK}.utils.scale')\n"
         "heavy = [m for m in ('diffusers', 'transformers', 'accelerate') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )

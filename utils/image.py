@@ -1,4 +1,4 @@
-"""ComfyUI IMAGE tensors to and from PIL, input checks, and scaling to the model's sizes.
+"""ComfyUI IMAGE tensors to and from PIL, input checks, and the sizes the pipeline works at.
 
 A ComfyUI IMAGE is a float32 tensor ``[batch, height, width, channels]``, values 0..1, on the CPU.
 The functions here are more lenient on input than that contract: a single image
@@ -20,10 +20,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
-from . import comfy
 from .errors import ImageError, ImageTypeError
 
 Color = Tuple[float, float, float]
@@ -49,8 +47,6 @@ The pipeline shows each image to the text encoder at about 384x384 pixels of are
 short side is under ~68 px there, and near 1:576 it rounds to 0 and the pipeline fails deep inside
 with a shape error."""
 
-SCALE_METHODS: Tuple[str, ...] = ("lanczos", "bicubic", "area", "bilinear", "nearest")
-FIT_MODES: Tuple[str, ...] = ("crop", "pad", "stretch")
 SCALE_NODE = "Qwen-Image-Edit Image Scale"
 
 _UPSTREAM_HINT = "check the node that produced it"
@@ -99,15 +95,16 @@ def _as_float(images: torch.Tensor) -> torch.Tensor:
     return images.float()
 
 
-def _check_background(background: Optional[Sequence[float]], name: str = "background") -> Optional[Color]:
-    if background is None:
+def check_color(color: Optional[Sequence[float]], name: str = "background") -> Optional[Color]:
+    """``color`` (R, G, B floats 0..1, or one number for gray) as a :data:`Color`; None stays None."""
+    if color is None:
         return None
-    if isinstance(background, (int, float)):
-        values = (float(background),) * 3
+    if isinstance(color, (int, float)):
+        values = (float(color),) * 3
     else:
-        values = tuple(float(v) for v in background)
+        values = tuple(float(v) for v in color)
     if len(values) != 3 or not all(0.0 <= v <= 1.0 for v in values):
-        raise ImageError(f"{name} must be None or three floats 0..1 (R, G, B); got {background!r}")
+        raise ImageError(f"{name} must be None or three floats 0..1 (R, G, B); got {color!r}")
     return values  # type: ignore[return-value]
 
 
@@ -135,7 +132,7 @@ def to_rgb(images: torch.Tensor, background: Optional[Color] = WHITE) -> torch.T
     ``[H, W, C]`` image gains a batch dimension. A 3-channel contiguous float32 input is returned
     as is, not copied.
     """
-    rgb = _rgb(_as_float(_check_layout(images, "image")), _check_background(background))
+    rgb = _rgb(_as_float(_check_layout(images, "image")), check_color(background))
     return rgb.contiguous()
 
 
@@ -202,7 +199,7 @@ def tensor_to_pil(images: torch.Tensor, background: Optional[Color] = WHITE) -> 
     Alpha (2 or 4 channels) is composited on ``background`` or, with ``None``, dropped. On a GPU
     the quantising runs there and only uint8 crosses to the CPU.
     """
-    rgb = _rgb(_as_float(_check_layout(images, "image")), _check_background(background)).detach()
+    rgb = _rgb(_as_float(_check_layout(images, "image")), check_color(background)).detach()
     if rgb.device.type == "cpu":
         frames = rgb.numpy()
         # max() propagates NaN; numpy's single thread is steadier than torch's pool on a busy CPU.
@@ -259,7 +256,7 @@ def pil_to_tensor(
     width, height = sizes[0]
     if width == 0 or height == 0:
         raise ImageError(f"image is empty ({width}x{height}); {_UPSTREAM_HINT}")
-    bg = _check_background(background)
+    bg = check_color(background)
     out = np.empty((len(batch), height, width, 3), dtype=np.float32)
     for frame, image in zip(out, batch):
         array = _pil_to_array(image, bg)
@@ -335,110 +332,3 @@ def scaled_size(
 
     kw, kh = min(((kw, kh) for kw in ws for kh in hs), key=cost)
     return kw * multiple, kh * multiple
-
-
-# -- Resizing, cropping and padding (the Image Scale node) ----------------------------------------
-
-_COMFY_METHODS = {"nearest": "nearest-exact"}
-"""The node's method names that ComfyUI's ``common_upscale`` spells differently; the rest are the same."""
-
-
-def _resize(planar: torch.Tensor, width: int, height: int, method: str) -> torch.Tensor:
-    """``[B, C, H, W]`` to exactly ``width x height``: ComfyUI's ``common_upscale`` inside ComfyUI.
-
-    Elsewhere the same resamplers: PIL's lanczos on 8-bit frames (rounded where ComfyUI truncates,
-    so they differ by about 1/255) and torch's ``interpolate``, except that bilinear and bicubic are
-    antialiased when shrinking (ComfyUI's are not).
-    """
-    in_h, in_w = planar.shape[-2:]
-    if (in_h, in_w) == (height, width):
-        return planar.clone()
-    upscale = comfy.comfy_upscale()
-    if upscale is not None:
-        return upscale(planar, width, height, _COMFY_METHODS.get(method, method), "disabled")
-    if method == "lanczos":
-        frames = [frame.resize((width, height), Image.Resampling.LANCZOS) for frame in tensor_to_pil(planar.movedim(1, -1))]
-        return pil_to_tensor(frames).movedim(-1, 1).to(planar.device)
-    mode = _COMFY_METHODS.get(method, method)
-    antialias = mode in ("bilinear", "bicubic") and (height < in_h or width < in_w)
-    return F.interpolate(planar, size=(height, width), mode=mode, antialias=antialias)
-
-
-def _centred(outer: int, ideal: float) -> tuple[int, int]:
-    """``(margin, inner)``: ``inner`` nearest ``ideal`` with equal margins both sides inside ``outer``.
-
-    ``inner = outer - 2 * margin`` keeps ``outer``'s parity, so content stays centred to the pixel;
-    it never drops under 1 px (2 when ``outer`` is even). ComfyUI's ``crop="center"`` cuts by the
-    same rule but can reach 0 px for a very wide image, which is why the crop is done here.
-    """
-    margin = min(max(0, round((outer - ideal) / 2)), (outer - 1) // 2)
-    return margin, outer - 2 * margin
-
-
-def scale_image(
-    images: torch.Tensor,
-    width: int,
-    height: int,
-    method: str = "lanczos",
-    fit: str = "crop",
-    pad_color: Color = BLACK,
-) -> torch.Tensor:
-    """Resize an IMAGE batch to exactly ``width x height``; returns ``[B, height, width, 3]`` 0..1.
-
-    ``fit``: "crop" cuts the source to the target's aspect, equally from opposite edges, then
-    resizes; "pad" resizes to fit inside and adds ``pad_color`` bars, equal on opposite edges;
-    "stretch" resizes whatever the aspect. ``method``: one of :data:`SCALE_METHODS`, through
-    ComfyUI's ``common_upscale`` inside ComfyUI ("nearest" is its "nearest-exact", which unlike
-    torch's legacy "nearest" does not shift the image by half a pixel). Any input size from 1x1 up
-    is accepted; the result is on the input's device and the input is not modified.
-    """
-    for label, value in (("width", width), ("height", height)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise ImageError(f"{label} must be a whole number >= 1; got {value!r}")
-    _check_scale_options(images, method, fit)
-    return _scale(images, int(width), int(height), method, fit, pad_color)
-
-
-def _check_scale_options(images: torch.Tensor, method: str, fit: str) -> None:
-    if method not in SCALE_METHODS:
-        raise ImageError(f"method must be one of {', '.join(SCALE_METHODS)}; got {method!r}")
-    if fit not in FIT_MODES:
-        raise ImageError(f"fit must be one of {', '.join(FIT_MODES)}; got {fit!r}")
-    validate_image(images, "image", min_side=1, max_aspect=None)
-
-
-def _scale(images: torch.Tensor, width: int, height: int, method: str, fit: str, pad_color: Color) -> torch.Tensor:
-    pad = _check_background(pad_color, "pad_color")
-    if pad is None:
-        raise ImageError("pad_color must be three floats 0..1 (R, G, B); got None")
-    x = to_rgb(images).movedim(-1, 1)
-    in_h, in_w = x.shape[-2:]
-    if fit == "stretch":
-        out = _resize(x, width, height, method)
-    elif fit == "crop":
-        left, keep_w = _centred(in_w, in_h * width / height)
-        top, keep_h = _centred(in_h, in_w * height / width)
-        out = _resize(x[..., top : top + keep_h, left : left + keep_w], width, height, method)
-    else:
-        scale = min(width / in_w, height / in_h)
-        left, inner_w = _centred(width, in_w * scale)
-        top, inner_h = _centred(height, in_h * scale)
-        out = torch.tensor(pad, dtype=x.dtype, device=x.device).view(1, 3, 1, 1).repeat(x.shape[0], 1, height, width)
-        out[..., top : top + inner_h, left : left + inner_w] = _resize(x, inner_w, inner_h, method)
-    return out.movedim(1, -1).contiguous().clamp_(0, 1)
-
-
-def scale_to_megapixels(
-    images: torch.Tensor,
-    megapixels: float = 1.0,
-    multiple: int = 16,
-    method: str = "lanczos",
-    fit: str = "crop",
-    pad_color: Color = BLACK,
-    match_pipeline: bool = True,
-) -> tuple[torch.Tensor, int, int]:
-    """:func:`scaled_size` (with ``match_pipeline``) then :func:`scale_image`; ``(image, width, height)``."""
-    _check_scale_options(images, method, fit)
-    in_h, in_w = int(images.shape[-3]), int(images.shape[-2])
-    width, height = scaled_size(in_w, in_h, megapixels, multiple, match_pipeline=match_pipeline)
-    return _scale(images, width, height, method, fit, pad_color), width, height
