@@ -273,3 +273,65 @@ def test_comfyuis_memory_manager_evicts_the_pipeline_for_a_native_load(tmp_path)
                             env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads(result.stdout.strip().splitlines()[-1]) == {"kept": True, "released": True}
+
+
+#: Runs with COMFYUI_PYTHON: the pack's scaling outside ComfyUI, then inside it (its own common_upscale),
+#: and the test stand-in's common_upscale against ComfyUI's.
+SCALE_PROBE = r"""
+import importlib.util, json, sys
+import torch
+comfyui, repo = sys.argv[1:3]
+sys.path[:] = [repo] + [p for p in sys.path if p not in ("", comfyui)]  # no ComfyUI until asked for
+from cli import load_pack
+pack = load_pack()
+scale = importlib.import_module(pack.__name__ + ".utils.scale")
+bridge = importlib.import_module(pack.__name__ + ".utils.comfy")
+gen = torch.Generator().manual_seed(0)
+cases = [((301, 200), (96, 80)), ((64, 48), (160, 128)), ((4, 1), (16, 16))]
+images = [torch.randint(0, 256, (2, h, w, 3), generator=gen).float() / 255 for (w, h), _ in cases]
+def run():
+    return {f"{c}-{m}-{f}": scale.scale_image(x, *target, m, f)
+            for c, (x, (_, target)) in enumerate(zip(images, cases)) for m in scale.SCALE_METHODS for f in scale.FIT_MODES}
+standalone = run()
+sys.path.insert(0, comfyui)
+from comfy.cli_args import args
+args.cpu = True
+import comfy.model_management, comfy.utils, folder_paths
+bridge.refresh()
+inside = run()
+real_modules = {name: sys.modules[name] for name in ("comfy", "comfy.model_management", "comfy.utils", "folder_paths")}
+spec = importlib.util.spec_from_file_location("comfy_standin", repo + "/tests/comfy_standin.py")
+standin = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(standin)
+standin_upscale = standin.install(__import__("pathlib").Path(repo) / "models")["comfy.utils"].common_upscale
+sys.modules.update(real_modules)
+standin_differs = []
+for x, (_, (w, h)) in zip(images, cases):
+    for method in ("nearest-exact", "bilinear", "area", "bicubic", "lanczos"):
+        for crop in ("disabled", "center"):
+            planar = x.movedim(-1, 1)
+            try:
+                real = comfy.utils.common_upscale(planar, w, h, method, crop)
+            except RuntimeError:
+                real = None  # ComfyUI's crop="center" leaves 0 px for 4x1 to a square
+            if real is not None and not torch.equal(real, standin_upscale(planar, w, h, method, crop)):
+                standin_differs.append(f"{tuple(planar.shape)} {method} {crop}")
+print(json.dumps({
+    "uses_comfyui": bridge.comfy_upscale() is comfy.utils.common_upscale,
+    "sizes_differ": [k for k in standalone if standalone[k].shape != inside[k].shape],
+    "pixels_differ": sorted(k for k in standalone if not torch.equal(standalone[k], inside[k])),
+    "standin_differs": standin_differs,
+}))
+"""
+
+
+def test_scaling_inside_comfyui_uses_its_common_upscale_and_agrees_with_the_standalone_path():
+    """Also keeps the stand-in honest: its common_upscale gives ComfyUI's pixels exactly."""
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    result = subprocess.run([python, "-c", SCALE_PROBE, COMFYUI, str(REPO)], capture_output=True, text=True,
+                            timeout=300, cwd=COMFYUI, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    # Only bilinear / bicubic shrinks differ (ComfyUI does not antialias them); case 0 shrinks, 1 and 2 enlarge.
+    shrinks = sorted(f"0-{m}-{f}" for m in ("bicubic", "bilinear") for f in ("crop", "pad", "stretch"))
+    assert answer == {"uses_comfyui": True, "sizes_differ": [], "pixels_differ": shrinks, "standin_differs": []}
