@@ -32,6 +32,13 @@ def unpack_latents(pipe: Any, latents: Any, height: int, width: int) -> Any:
     return type(pipe)._unpack_latents(latents, height, width, pipe.vae_scale_factor)
 
 
+def pack_latents(pipe: Any, latents: Any) -> Any:
+    """`[B, C, 1, h, w]` latents (VAE layout) in the transformer's packed 2x2 layout `[B, h*w/4, C*4]`,
+    as the pipeline packs its noise and reference latents (masked edits blend in this layout)."""
+    batch, channels, _, height, width = latents.shape
+    return type(pipe)._pack_latents(latents, batch, channels, height, width)
+
+
 def lora_low_cpu_mem_default() -> bool:
     """What `load_lora_weights` passes as `low_cpu_mem_usage` by default."""
     from diffusers.loaders import lora_pipeline

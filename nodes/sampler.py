@@ -18,7 +18,10 @@ class QwenImageEditSampler:
         "(true_cfg_scale above 1 with a negative prompt), 40 steps, ~1 MP output. Up to three images can "
         "be referred to in the prompt as 'Picture 1', 'Picture 2', 'Picture 3'. A batch of images gives "
         "one edit each (item b uses seed + b). Cancel stops within one step. With a Lightning LoRA on the "
-        "pipe, steps left at 40 and true_cfg_scale left at 4.0 become the LoRA's 4 or 8 steps and 1.0."
+        "pipe, steps left at 40 and true_cfg_scale left at 4.0 become the LoRA's 4 or 8 steps and 1.0. "
+        "With a mask (white = edit, e.g. painted in Load Image's MaskEditor) only the masked area changes: a "
+        "window around it is edited at ~1 MP and stitched back, so the output keeps the image's full size and "
+        "every pixel outside the grown mask."
     )
     CATEGORY = "Qwen-Image-Edit"
     FUNCTION = "edit"
@@ -71,17 +74,33 @@ class QwenImageEditSampler:
                 "image2": ("IMAGE", {"tooltip": "Optional 'Picture 2'. Batch 1 is shared by every edit; "
                                      "a batch the size of image's is matched one to one."}),
                 "image3": ("IMAGE", {"tooltip": "Optional 'Picture 3', batched like image2."}),
+                "mask": ("MASK", {"tooltip": "Optional: edit only where the mask is white (above 0.5); every other "
+                                  "pixel stays the input's. The output keeps the image's size; size_mode then sets "
+                                  "the size the area around the mask is edited at. One mask for all images or "
+                                  "one per image."}),
+                "grow": ("INT", {"default": 0, "min": 0, "max": 512, "step": 1,
+                                 "tooltip": "With a mask: widen it by this many pixels before editing."}),
+                "feather": ("INT", {"default": 8, "min": 0, "max": 256, "step": 1,
+                                    "tooltip": "With a mask: the edit fades out over this many pixels inside the "
+                                    "mask's edge, so the seam does not show. 0 gives a hard edge."}),
+                "context": ("FLOAT", {"default": 2.0, "min": 1.0, "max": 8.0, "step": 0.1,
+                                      "tooltip": "With a mask: how much of the picture around the mask the model "
+                                      "sees, as a multiple of the mask's size (at least 512 px a side)."}),
             },
         }
 
     def edit(self, pipe: loader.PipeHandle, image: torch.Tensor, prompt: str, negative_prompt: str, seed: int,
              steps: int, true_cfg_scale: float, size_mode: str, width: int, height: int, images_per_prompt: int,
-             image2: torch.Tensor | None = None, image3: torch.Tensor | None = None) -> tuple[torch.Tensor]:
+             image2: torch.Tensor | None = None, image3: torch.Tensor | None = None,
+             mask: torch.Tensor | None = None, grow: int = 0, feather: int = 8,
+             context: float = 2.0) -> tuple[torch.Tensor]:
         req = sampling.EditRequest(prompt, negative_prompt, seed, steps, true_cfg_scale, size_mode, width, height,
                                    images_per_prompt)
         from ..loaders import edit
+        from ..utils.mask import MaskOptions
 
-        return (edit.edit(pipe, req, [image, image2, image3]),)
+        return (edit.edit(pipe, req, [image, image2, image3], mask=mask,
+                          mask_options=MaskOptions(grow, feather, context)),)
 
 
 NODE_CLASS_MAPPINGS = {"QwenImageEditSampler": QwenImageEditSampler}

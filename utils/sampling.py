@@ -111,8 +111,34 @@ def output_size(req: EditRequest, first_width: int, first_height: int) -> tuple[
     return req.width // 16 * 16, req.height // 16 * 16, None
 
 
-def validate(req: EditRequest, images: list[torch.Tensor | None]) -> list[torch.Tensor]:
-    """Check everything before any weights move; return the images that are present."""
+def masked_edit_size(req: EditRequest, window_width: int, window_height: int) -> tuple[int, int]:
+    """The size a masked edit generates its context window at; the result is scaled back to the window.
+
+    auto: ~1 MP at the window's aspect (the pipeline's own reference size, so the edit lines up with
+    it); match: the window's own size (multiples of 16); custom: width x height pixels of area at the
+    window's aspect.
+    """
+    if req.size_mode == "match":
+        w, h = max(16, round(window_width / 16) * 16), max(16, round(window_height / 16) * 16)
+    elif req.size_mode == "custom":
+        w, h = auto_size(window_width, window_height, area=req.width * req.height)
+    else:
+        w, h = auto_size(window_width, window_height)
+    if w * h / 1e6 > MAX_MEGAPIXELS:
+        raise EditError(
+            f"The mask's context window is {window_width}x{window_height} and would be edited at {w}x{h} "
+            f"({w * h / 1e6:.1f} MP), more than the {MAX_MEGAPIXELS} MP the model can take. Use size_mode 'auto' "
+            "(the window is scaled to ~1 MP and back) or a smaller context."
+        )
+    return w, h
+
+
+def validate(req: EditRequest, images: list[torch.Tensor | None], masked: bool = False) -> list[torch.Tensor]:
+    """Check everything before any weights move; return the images that are present.
+
+    A masked edit keeps the image's own size (only a window around the mask is edited at ~1 MP), so
+    the output-size limit does not apply to it; `masked_edit_size` checks the window instead.
+    """
     from .image import validate_image
 
     if req.size_mode not in SIZE_MODES:
@@ -152,6 +178,8 @@ def validate(req: EditRequest, images: list[torch.Tensor | None]) -> list[torch.
     w, h, exact = output_size(req, first.shape[-2], first.shape[-3])
     if req.size_mode == "custom" and (w < 16 or h < 16):
         raise EditError(f"width and height must be at least 16 (got {req.width}x{req.height}).")
+    if masked:
+        return present
     out_w, out_h = exact or (w, h)
     megapixels = max(w * h, out_w * out_h) / 1e6
     if megapixels > MAX_MEGAPIXELS:
