@@ -58,3 +58,18 @@ def test_lora_loading_default_is_a_bool(compat):
 
     assert hasattr(lora_pipeline, "_LOW_CPU_MEM_USAGE_DEFAULT_LORA")
     assert isinstance(compat.lora_low_cpu_mem_default(), bool)
+
+
+def test_pack_latents_is_the_pipelines_packing(compat):
+    from diffusers import QwenImageEditPlusPipeline
+
+    class Pipe(QwenImageEditPlusPipeline):
+        def __init__(self) -> None:  # only the static methods are used
+            pass
+
+    latents = torch.randn(2, 16, 1, 8, 12)
+    packed = compat.pack_latents(Pipe(), latents)
+    assert packed.shape == (2, 24, 64)
+    assert torch.equal(packed, QwenImageEditPlusPipeline._pack_latents(latents, 2, 16, 8, 12))
+    Pipe.vae_scale_factor = 8
+    assert torch.equal(compat.unpack_latents(Pipe(), packed, 64, 96), latents)

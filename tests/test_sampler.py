@@ -40,7 +40,7 @@ def test_node_declaration(pack):
     spec = node.INPUT_TYPES()
     assert list(spec["required"]) == ["pipe", "image", "prompt", "negative_prompt", "seed", "steps",
                                       "true_cfg_scale", "size_mode", "width", "height", "images_per_prompt"]
-    assert list(spec["optional"]) == ["image2", "image3"]
+    assert list(spec["optional"]) == ["image2", "image3", "mask", "grow", "feather", "context"]
     req = spec["required"]
     assert req["steps"][1]["default"] == 40 and req["true_cfg_scale"][1]["default"] == 4.0
     assert req["negative_prompt"][1]["default"] == " "
