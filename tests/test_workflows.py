@@ -598,7 +598,23 @@ def test_examples_use_the_model_card_sampling():
         [sampler] = _api_of(path.stem, "QwenImageEditSampler")
         inputs = sampler["inputs"]
         assert (inputs["steps"], inputs["true_cfg_scale"], inputs["negative_prompt"]) == (40, 4.0, " "), path.name
-        assert inputs["size_mode"] == "match", "the examples scale the input and keep its framing"
+        if "mask" in inputs:  # the window around the mask is edited at ~1 MP; the photo keeps its size
+            assert inputs["size_mode"] == "auto", path.name
+        else:
+            assert inputs["size_mode"] == "match", "the examples scale the input and keep its framing"
+
+
+MASKED = WORKFLOWS / "qwen_image_edit_2511_masked_edit.json"
+
+
+def test_the_masked_edit_setup():
+    """Load Image's mask (painted in the MaskEditor) feeds the sampler, with the photo unscaled."""
+    prompt = _load(API_DIR / MASKED.name)
+    [load_id] = [k for k, v in prompt.items() if v["class_type"] == "LoadImage"]
+    [sampler] = _api_of(MASKED.stem, "QwenImageEditSampler")
+    assert sampler["inputs"]["image"] == [load_id, 0] and sampler["inputs"]["mask"] == [load_id, 1]
+    assert not _api_of(MASKED.stem, "QwenImageEditImageScale")
+    assert (sampler["inputs"]["grow"], sampler["inputs"]["feather"], sampler["inputs"]["context"]) == (0, 8, 2.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -681,7 +697,8 @@ def test_removing_a_widget_breaks_the_guard(pack, comfy_models, monkeypatch):
     specs = _patched_specs(pack, monkeypatch, "QwenImageEditSampler",
                            lambda t: {**t, "required": {k: v for k, v in t["required"].items() if k != "height"}})
     ui_errors, api_errors = _all_errors(SINGLE, specs)
-    assert any("now has only" in e for e in ui_errors), ui_errors
+    # The saved values shift onto the widgets after it (the optional grow/feather/context at the end).
+    assert any("by position" in e or "now has only" in e for e in ui_errors), ui_errors
     assert any("'height' is not an input" in e for e in api_errors), api_errors
 
 
@@ -708,12 +725,12 @@ def test_appending_optional_inputs_keeps_saved_workflows(pack, comfy_models, mon
 
 def test_a_new_required_input_is_caught(pack, comfy_models, monkeypatch):
     def grow(t: dict) -> dict:
-        return {**t, "required": {**t["required"], "mask": ("MASK", {})}}
+        return {**t, "required": {**t["required"], "region": ("MASK", {})}}
 
     specs = _patched_specs(pack, monkeypatch, "QwenImageEditSampler", grow)
     ui_errors, api_errors = _all_errors(SINGLE, specs)
-    assert any("input slots" in e and "'mask'" in e for e in ui_errors), ui_errors  # lands before image2
-    assert any("required_input_missing: mask" in e for e in api_errors), api_errors
+    assert any("input slots" in e and "'region'" in e for e in ui_errors), ui_errors  # lands before image2
+    assert any("required_input_missing: region" in e for e in api_errors), api_errors
 
 
 def test_a_new_required_input_at_the_end_is_caught(pack, comfy_models, monkeypatch):
