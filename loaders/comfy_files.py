@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .weights import DTYPE_BYTES, PICKLE_SUFFIXES, ModelFolderError, read_safetensors_header
+from .weights import PICKLE_SUFFIXES, ModelFolderError, read_safetensors_header, tensor_bytes
 
 ROLES = ("transformer", "text_encoder", "vae")
 SUFFIXES = {"transformer": (".safetensors", ".gguf"), "text_encoder": (".safetensors",), "vae": (".safetensors",)}
@@ -97,15 +97,7 @@ def _header_entries(path: Path) -> tuple[dict[str, tuple[str, tuple[int, ...]]],
     if path.suffix.lower() == ".gguf":
         return _gguf_entries(path), {}
     header = read_safetensors_header(path)
-    entries = {}
-    for key, meta in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            entries[key] = (str(meta["dtype"]), tuple(int(d) for d in meta["shape"]))
-        except (KeyError, TypeError, ValueError):
-            raise ModelFolderError(f"{path} has a corrupt safetensors header (entry {key!r}). Download it again.") from None
-    return entries, header.get("__metadata__") or {}
+    return header.tensors, header.metadata
 
 
 def _gguf_entries(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -183,7 +175,7 @@ def inspect_file(path: Path | str, role: str) -> ComfyFile:
     if "_quantization_metadata" in metadata or any(k.endswith(".comfy_quant") for k in keys):
         _check_comfy_quant_formats(path, entries, metadata)
     params = sum(_numel(s) for k, (d, s) in entries.items() if not k.endswith(_IGNORED_SUFFIXES + _SCALE_KEYS))
-    stored = sum(_stored_bytes(d, s) for d, s in entries.values())
+    stored = sum(_stored_bytes(path, k, d, s) for k, (d, s) in entries.items())
     layers = len({m.group(1) for k in stripped if (m := re.match(r"transformer_blocks\.(\d+)\.", k))})
     return ComfyFile(
         path=path, role=role, storage=_storage(entries, keys), params=params, stored_bytes=stored, prefix=prefix,
@@ -224,15 +216,13 @@ def _numel(shape: tuple[int, ...]) -> int:
     return count
 
 
-def _stored_bytes(dtype: str, shape: tuple[int, ...]) -> int:
+def _stored_bytes(path: Path, key: str, dtype: str, shape: tuple[int, ...]) -> int:
     if dtype.startswith("GGUF "):
         from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
         block, size = GGML_QUANT_SIZES[GGMLQuantizationType[dtype[5:]]]
         return _numel(shape) // block * size
-    if dtype not in DTYPE_BYTES:
-        raise ModelFolderError(f"unknown tensor dtype {dtype!r}")
-    return _numel(shape) * DTYPE_BYTES[dtype]
+    return tensor_bytes(path, key, dtype, shape)
 
 
 def check_shapes(file: ComfyFile, expected: dict[str, tuple[int, ...]], what: str, optional: tuple[str, ...] = ()) -> None:

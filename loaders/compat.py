@@ -9,14 +9,6 @@ from __future__ import annotations
 from typing import Any
 
 
-def attention_registry() -> Any:
-    """diffusers' process-wide attention backend (get_active_backend / set_active_backend):
-    `set_attention_backend` on one model also changes it, and only this can put it back."""
-    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
-
-    return _AttentionBackendRegistry
-
-
 def repeated_block_names(model: Any) -> set[str]:
     """Class names of the blocks `compile_repeated_blocks` compiles (ModelMixin._repeated_blocks)."""
     return set(getattr(model, "_repeated_blocks", None) or ())
@@ -37,10 +29,3 @@ def pack_latents(pipe: Any, latents: Any) -> Any:
     as the pipeline packs its noise and reference latents (masked edits blend in this layout)."""
     batch, channels, _, height, width = latents.shape
     return type(pipe)._pack_latents(latents, batch, channels, height, width)
-
-
-def lora_low_cpu_mem_default() -> bool:
-    """What `load_lora_weights` passes as `low_cpu_mem_usage` by default."""
-    from diffusers.loaders import lora_pipeline
-
-    return bool(getattr(lora_pipeline, "_LOW_CPU_MEM_USAGE_DEFAULT_LORA", False))

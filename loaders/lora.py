@@ -1,9 +1,9 @@
 """LoRAs on the cached pipeline, and the scheduler the Lightning LoRAs need.
 
 The LoRA node never touches the pipeline: it appends a `LoraSpec` to the `PipeHandle`. Just before
-an edit, `apply_loras` makes the pipeline's adapters exactly the handle's list, with diffusers' own
-machinery (`lora_state_dict` + `load_lora_into_transformer`, i.e. what `load_lora_weights` does,
-then `set_adapters` / `delete_adapters` / `unload_lora_weights`):
+an edit, `apply_loras` makes the pipeline's adapters exactly the handle's list, with diffusers' public
+LoRA API (`lora_state_dict` to check a file, `load_lora_weights`, `set_adapters` / `delete_adapters` /
+`unload_lora_weights`):
 
 * an adapter already loaded is reused, so changing a strength or the order costs a `set_adapters`;
 * an adapter no longer on the handle is deleted, so nothing leaks from one run into the next;
@@ -34,7 +34,6 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 from ..utils import comfy
 from ..utils.errors import QwenEditError
-from . import compat
 from .weights import PICKLE_SUFFIXES, ModelFolderError, read_safetensors_header
 
 if TYPE_CHECKING:
@@ -165,12 +164,18 @@ def resolve_lora_path(name: str) -> Path:
     return path.resolve()
 
 
-def read_header(path: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file (tensor names, dtypes, shapes), without reading tensors."""
+def read_header(path: Path) -> list[str]:
+    """The tensor names of a safetensors file, from its header only."""
     try:
-        return read_safetensors_header(path)
+        return list(read_safetensors_header(path).tensors)
     except (OSError, ModelFolderError) as exc:
         raise LoraError(f"{path.name} is not a valid safetensors file ({exc}). Re-download it.") from None
+
+
+def _refuse_lokr(name: str, keys: Any) -> None:
+    if any(".lokr_" in k for k in keys):
+        raise LoraError(f"{name} is a LoKr (LyCORIS) adapter; diffusers' Qwen-Image loader takes only LoRA weights "
+                        "(lora_A/lora_B or lora_down/lora_up). Choose a LoRA version of it.")
 
 
 def make_spec(name: str, strength: float = 1.0, lightning: str = "auto") -> LoraSpec:
@@ -180,7 +185,8 @@ def make_spec(name: str, strength: float = 1.0, lightning: str = "auto") -> Lora
     if not math.isfinite(strength):
         raise LoraError("The LoRA strength must be a finite number (1.0 is the LoRA as trained).")
     path = resolve_lora_path(name)
-    keys = [k for k in read_header(path) if k != "__metadata__"]
+    keys = read_header(path)
+    _refuse_lokr(path.name, keys)
     if not any(("lora" in k or "lokr" in k) for k in keys):
         raise LoraError(
             f"{path.name} holds no LoRA weights ({len(keys)} tensors, none named lora_A/lora_B/lora_down/lora_up): "
@@ -249,8 +255,8 @@ def read_lora(pipe: Any, spec: LoraSpec) -> tuple[dict[str, Any], dict | None]:
         # silently because it keeps only "transformer."-prefixed ones. Add the prefix; check_matches below
         # still refuses the file unless every name is a layer of this transformer.
         state_dict = {_PREFIX + k: v for k, v in state_dict.items()}
-    file_keys = [k for k in read_header(Path(spec.path)) if k != "__metadata__"]
-    check_matches(state_dict, modules, spec.name, file_keys)
+    _refuse_lokr(spec.name, state_dict)
+    check_matches(state_dict, modules, spec.name, read_header(Path(spec.path)))
     return state_dict, metadata
 
 
@@ -299,19 +305,25 @@ def check_matches(state_dict: dict[str, Any], modules: dict[str, Any], file_name
 
 
 def _load_adapter(pipe: Any, spec: LoraSpec, name: str) -> None:
-    """`load_lora_weights` without reading the file twice: same conversion, same metadata, same loader."""
+    """diffusers' `load_lora_weights`, given what `read_lora` checked.
+
+    A file with diffusers' LoRA config in its header (alpha, target modules: what diffusers' own
+    `save_lora_weights` writes) is given by path, read a second time: that config travels only with the
+    file, and a state dict passed in memory would load at scale 1 instead of alpha / r. Any other file
+    (ComfyUI, kohya, lightx2v, bare PEFT) is given as the checked state dict, already converted and
+    prefixed, so it is read once.
+    """
     state_dict, metadata = read_lora(pipe, spec)
+    own_format = metadata is not None and all(k.startswith(_PREFIX) for k in read_header(Path(spec.path)))
+    source: str | dict[str, Any] = spec.path if own_format else state_dict
+    if metadata is not None and not own_format:
+        log.warning("Qwen-Image-Edit: %s has diffusers' LoRA config in its header but not diffusers' key names; "
+                    "loading it without that config.", spec.name)
+    del state_dict
     with warnings.catch_warnings():
         # PEFT warns on every adapter after the first that "multiple adapters" are present: here that is the point.
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
-        pipe.load_lora_into_transformer(
-            state_dict,
-            transformer=pipe.transformer,
-            adapter_name=name,
-            metadata=metadata,
-            _pipeline=pipe,
-            low_cpu_mem_usage=compat.lora_low_cpu_mem_default(),
-        )
+        pipe.load_lora_weights(source, adapter_name=name, use_safetensors=True, local_files_only=True)
 
 
 def _has_peft_layers(transformer: Any) -> bool:

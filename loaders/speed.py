@@ -2,11 +2,15 @@
 
 Each option is carried on the `PipeHandle` as a `SpeedOptions` (the Speed node sets it), applied
 to the transformer just before an edit with diffusers' own switches, and reverted when a later run
-does not ask for it, so nothing (processor backends, compiled blocks, cache hooks) leaks from one
+does not ask for it, so nothing (an attention backend, compiled blocks, cache hooks) leaks from one
 workflow into the next:
 
-* attention backend: `transformer.set_attention_backend(name)` (diffusers' process-wide default left
-  as it was); back to the default with `reset_attention_backend()`.
+* attention backend: checked when applied, then each edit runs inside diffusers' public
+  `attention_backend(name)` context manager (`run_with_fallback`), so nothing is left set between
+  edits and nothing needs undoing. The context manager sets diffusers' process-wide backend, not a
+  thread-local one, for the length of the edit; that is safe here because the pack holds
+  `pipeline_lock()` for the whole edit and ComfyUI runs one prompt at a time. Only the Qwen
+  transformer's processors read it: the text encoder is transformers' and the VAE calls SDPA itself.
 * regional compile: `transformer.compile_repeated_blocks(fullgraph=...)`, which compiles each
   `QwenImageTransformerBlock` (the 60 identical blocks) instead of the whole model: one block's
   compile is reused 60 times, so compiling takes seconds, not minutes.
@@ -26,6 +30,7 @@ import logging
 import math
 import os
 import traceback
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
@@ -109,7 +114,7 @@ OFF = SpeedOptions()
 class SpeedState:
     """Kept in `LoadedPipeline.speed`: what is applied to the transformer now."""
 
-    attention: str = "native"        # diffusers backend id in effect on the transformer's processors
+    attention: str = "native"        # diffusers backend id each edit runs under
     attention_asked: str = "native"  # what was asked (differs after a fallback; not retried every run)
     compiled: bool = False
     compile_asked: str = "off"
@@ -136,35 +141,21 @@ def _on_cuda(loaded: Any) -> bool:
 # -- attention -------------------------------------------------------------------------------------
 
 
-def _reset_attention(transformer: Any, state: SpeedState) -> None:
-    transformer.reset_attention_backend()
-    state.attention = "native"
+def _attention(state: SpeedState) -> AbstractContextManager[Any]:
+    """What an edit runs inside: diffusers' `attention_backend` for a chosen backend, else nothing (the default)."""
+    if state.attention == "native":
+        return nullcontext()
+    from diffusers import attention_backend
 
-
-def _set_attention(transformer: Any, backend: str) -> None:
-    """`set_attention_backend` on this transformer only.
-
-    diffusers also makes the backend its process-wide default, which every processor without a backend
-    of its own uses: a pipeline loaded later (its processors start with none) would silently inherit
-    it. Qwen-Image's processors pass their own backend to `dispatch_attention_fn`, so the default is put
-    back at once and only this transformer changes.
-    """
-    registry = compat.attention_registry()
-    default = registry.get_active_backend()[0]
-    try:
-        transformer.set_attention_backend(backend)
-    finally:
-        registry.set_active_backend(default)
+    return attention_backend(state.attention)
 
 
 def _apply_attention(loaded: Any, options: SpeedOptions, state: SpeedState) -> None:
     asked = options.backend_id
     if asked == state.attention_asked:
         return
-    transformer = loaded.pipe.transformer
-    if state.attention != "native":
-        _reset_attention(transformer, state)
     state.attention_asked = asked
+    state.attention = "native"
     if asked == "native":
         return
     if asked in _CUDA_ONLY and not _on_cuda(loaded):
@@ -172,9 +163,11 @@ def _apply_attention(loaded: Any, options: SpeedOptions, state: SpeedState) -> N
                     "using native attention (PyTorch SDPA).", options.attention_backend, loaded.device)
         return
     try:
-        _set_attention(transformer, asked)
+        from diffusers import attention_backend
+
+        with attention_backend(asked):  # diffusers checks the kernel package on entry; nothing runs here
+            pass
     except (RuntimeError, ValueError, ImportError) as exc:
-        transformer.reset_attention_backend()
         log.warning("Qwen-Image-Edit: attention_backend=%s is not available here (%s); using native attention "
                     "(PyTorch SDPA).", options.attention_backend, str(exc).splitlines()[0])
         return
@@ -335,7 +328,8 @@ def run_with_fallback(loaded: Any, run: Callable[[], T]) -> T:
     state = _state(loaded)
     _reset_cache_state(loaded)
     try:
-        return run()
+        with _attention(state):
+            return run()
     except Exception as exc:  # noqa: BLE001 - filtered below, re-raised unless it is a speed-option failure
         transformer = loaded.pipe.transformer
         if state.compiled and _is_compile_failure(exc):
@@ -345,14 +339,15 @@ def run_with_fallback(loaded: Any, run: Callable[[], T]) -> T:
                         state.compile_broken)
         elif state.attention != "native" and _raised_in(exc, "attention_dispatch"):
             failed = state.attention
-            _reset_attention(transformer, state)
+            state.attention = "native"
             log.warning("Qwen-Image-Edit: attention backend %s failed (%s: %s); using native attention.",
                         failed, type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc).strip() else "")
         else:
             raise
         traceback.clear_frames(exc.__traceback__)
     _reset_cache_state(loaded)
-    return run()
+    with _attention(state):
+        return run()
 
 
 __all__ = [

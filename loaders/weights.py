@@ -8,7 +8,6 @@ message, and the component sizes for automatic placement are known without loadi
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,9 +29,12 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 #: Bytes per element of each floating-point precision the loader offers.
 BYTES_PER_PARAM = {"bfloat16": 2, "float16": 2, "float32": 4}
 
-DTYPE_BYTES = {
-    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
-    "U16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I8": 1, "U8": 1, "BOOL": 1,
+#: Bits per element of each dtype safetensors (0.8) stores, by its name in the header. A dtype missing
+#: here is refused by `tensor_bytes`, never guessed: sizes decide placement and offload.
+DTYPE_BITS = {
+    "F64": 64, "I64": 64, "U64": 64, "C64": 64, "F32": 32, "I32": 32, "U32": 32, "F16": 16, "BF16": 16,
+    "I16": 16, "U16": 16, "F8_E4M3": 8, "F8_E5M2": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
+    "I8": 8, "U8": 8, "BOOL": 8, "F6_E2M3": 6, "F6_E3M2": 6, "F4": 4,
 }
 
 
@@ -64,37 +66,92 @@ class ModelFolder:
         return int(info.params * bytes_per_param)
 
 
-def read_safetensors_header(path: Path) -> dict:
-    """Parse and sanity-check one safetensors header; raise ModelFolderError on truncation/corruption."""
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    """What a safetensors header says: each tensor's dtype name (as `DTYPE_BITS` spells it) and shape."""
+
+    tensors: dict[str, tuple[str, tuple[int, ...]]]
+    metadata: dict[str, str]
+
+
+def read_safetensors_header(path: Path) -> SafetensorsHeader:
+    """One safetensors file's header, read and validated by `safetensors.safe_open` without reading a tensor.
+
+    safe_open maps the file and checks the header (offsets, sizes, dtypes) before any data is touched, so a
+    20 GB file answers in well under a millisecond. A file it refuses gets a message that says what is wrong
+    (truncated, corrupt, not safetensors) and to download it again.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            tensors = {}
+            for key in f.keys():
+                piece = f.get_slice(key)
+                tensors[key] = (str(piece.get_dtype()), tuple(int(d) for d in piece.get_shape()))
+            metadata = dict(f.metadata() or {})
+    except SafetensorError as exc:
+        raise ModelFolderError(_header_problem(Path(path), str(exc))) from None
+    return SafetensorsHeader(tensors, metadata)
+
+
+def _header_problem(path: Path, reason: str) -> str:
+    """Words for a header safe_open refused: the file's size against what its header (if readable) describes."""
+    reason = reason.removeprefix("Error while deserializing header: ")
     size = path.stat().st_size
+    if size < 8:
+        return f"{path} is truncated ({size} bytes). Download it again."
     with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise ModelFolderError(f"{path} is truncated ({size} bytes). Download it again.")
-        (header_len,) = struct.unpack("<Q", raw)
-        if header_len <= 0 or header_len > min(size - 8, 100 * 2**20):
-            raise ModelFolderError(f"{path} is not a valid safetensors file (bad header). Download it again.")
-        try:
-            header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise ModelFolderError(f"{path} has a corrupt safetensors header. Download it again.") from None
+        length = int.from_bytes(f.read(8), "little")
+        header = None
+        if 0 < length <= min(size - 8, 100 * 2**20):
+            try:
+                header = json.loads(f.read(length))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                pass
     if not isinstance(header, dict):
-        raise ModelFolderError(f"{path} has a corrupt safetensors header. Download it again.")
+        return f"{path} is not a valid safetensors file ({reason}). Download it again."
     end = 0
-    for key, meta in header.items():
+    for key, entry in header.items():
         if key == "__metadata__":
             continue
-        try:
-            end = max(end, int(meta["data_offsets"][1]))
-        except (KeyError, TypeError, IndexError, ValueError):
-            raise ModelFolderError(f"{path} has a corrupt safetensors header. Download it again.") from None
-    expected = 8 + header_len + end
+        entry_end = _entry_end(entry)
+        if entry_end is None:
+            return (f"{path} has a corrupt safetensors header: the entry {key!r} lacks a valid shape, dtype or "
+                    "offsets. Download it again.")
+        if entry["dtype"] not in DTYPE_BITS:
+            return (f"{path} stores {key!r} as {entry['dtype']!r}, a dtype this pack does not know ({reason}). It "
+                    "is corrupt or from a newer safetensors; download it again, or use a bf16/fp8 file.")
+        end = max(end, entry_end)
+    expected = 8 + length + end
     if size != expected:
+        return (f"{path} is {'truncated' if size < expected else 'corrupt'}: {size} bytes on disk, the header "
+                f"describes {expected}. The download was probably interrupted; download it again.")
+    return f"{path} has a corrupt safetensors header ({reason}). Download it again."
+
+
+def _entry_end(entry: object) -> int | None:
+    """Where a header entry's data ends; None when it lacks a valid dtype, shape or offsets."""
+    try:
+        if not isinstance(entry["dtype"], str) or any(int(d) < 0 for d in entry["shape"]):  # type: ignore[index]
+            return None
+        return int(entry["data_offsets"][1])  # type: ignore[index]
+    except (KeyError, TypeError, IndexError, ValueError):
+        return None
+
+
+def tensor_bytes(path: Path, key: str, dtype: str, shape: tuple[int, ...]) -> int:
+    """Bytes one tensor of `path` takes as stored; an unknown dtype is refused, naming the file and tensor."""
+    bits = DTYPE_BITS.get(dtype)
+    if bits is None:
         raise ModelFolderError(
-            f"{path} is {'truncated' if size < expected else 'corrupt'}: {size} bytes on disk, the header "
-            f"describes {expected}. The download was probably interrupted; download it again."
+            f"{Path(path).name} stores {key!r} as {dtype!r}, a dtype this pack cannot size. Use a bf16, fp16, fp32 "
+            "or fp8 file (or update the pack if a newer safetensors added this dtype)."
         )
-    return header
+    count = 1
+    for dim in shape:
+        count *= dim
+    return (count * bits + 7) // 8
 
 
 def _component_info(name: str, path: Path) -> ComponentInfo:
@@ -122,21 +179,12 @@ def _component_info(name: str, path: Path) -> ComponentInfo:
                 f"{path} is missing {len(missing)} weight shard(s), e.g. {missing[0]}. Download the model again."
             )
     for file in files:
-        for key, meta in read_safetensors_header(file).items():
-            if key == "__metadata__":
-                continue
-            try:
-                count = 1
-                for dim in meta["shape"]:
-                    count *= int(dim)
-                size = DTYPE_BYTES[meta["dtype"]]
-            except (KeyError, TypeError, ValueError):
-                raise ModelFolderError(
-                    f"{file} has a corrupt safetensors header: the entry {key!r} lacks a valid shape or dtype. "
-                    "Download it again."
-                ) from None
+        for key, (dtype, shape) in read_safetensors_header(file).tensors.items():
+            count = 1
+            for dim in shape:
+                count *= dim
             info.params += count
-            info.weight_bytes += count * size
+            info.weight_bytes += tensor_bytes(file, key, dtype, shape)
     config = path / "config.json"
     if config.is_file():
         try:

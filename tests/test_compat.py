@@ -16,13 +16,6 @@ def compat(pack):
     return importlib.import_module(f"{pack.__name__}.loaders.compat")
 
 
-def test_attention_registry_reads_and_sets_the_process_default(compat):
-    registry = compat.attention_registry()
-    default = registry.get_active_backend()[0]
-    registry.set_active_backend(default)
-    assert registry.get_active_backend()[0] == default
-
-
 def test_repeated_blocks_name_the_transformer_block(compat):
     from tinykit.tiny_pipeline import build_tiny_transformer
 
@@ -51,13 +44,6 @@ def test_unpack_latents_inverts_the_pipelines_packing(compat):
     packed = QwenImageEditPlusPipeline._pack_latents(latents, 1, 16, 8, 12)
     unpacked = compat.unpack_latents(Pipe(), packed, 64, 96)
     assert unpacked.shape == (1, 16, 1, 8, 12) and torch.equal(unpacked[:, :, 0], latents)
-
-
-def test_lora_loading_default_is_a_bool(compat):
-    from diffusers.loaders import lora_pipeline
-
-    assert hasattr(lora_pipeline, "_LOW_CPU_MEM_USAGE_DEFAULT_LORA")
-    assert isinstance(compat.lora_low_cpu_mem_default(), bool)
 
 
 def test_pack_latents_is_the_pipelines_packing(compat):

@@ -151,22 +151,62 @@ def test_missing_kernel_package_falls_back_with_diffusers_reason(sampler, handle
     assert processor_backends(L.current_pipeline().pipe.transformer) == {None}
 
 
-@pytest.mark.slow
-def test_attention_backend_is_set_and_fully_reverted(sampler, handle, mods):
-    """A backend that runs on CPU (SDPA's math kernel) is applied to every processor, then undone."""
-    from diffusers.models.attention_dispatch import _AttentionBackendRegistry
+def sdpa_calls(monkeypatch, transformer) -> list[tuple[str, str]]:
+    """Records each PyTorch SDPA call as (where, kernels): "transformer" for a call inside `transformer`'s forward,
+    else "outside"; "math only" when PyTorch may use only its math kernel (as under `_native_math`), else "any"."""
+    calls: list[tuple[str, str]] = []
+    inside: list[int] = []
+    real = torch.nn.functional.scaled_dot_product_attention
 
-    L, S, _ = mods
+    def spy(*args, **kwargs):
+        only_math = not (torch.backends.cuda.flash_sdp_enabled() or torch.backends.cuda.mem_efficient_sdp_enabled())
+        calls.append(("transformer" if inside else "outside", "math only" if only_math else "any"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    transformer.register_forward_pre_hook(lambda *a: inside.append(1))
+    transformer.register_forward_hook(lambda *a: inside.clear())
+    return calls
+
+
+def kernels(calls, where: str) -> set[str]:
+    return {k for w, k in calls if w == where}
+
+
+def another_pipelines_kernels(calls) -> set[str]:
+    """What diffusers' public attention dispatcher runs outside the pack's edits, as another pipeline's model would."""
+    from diffusers.models.attention_dispatch import dispatch_attention_fn
+
+    calls.clear()
+    q = torch.randn(1, 4, 2, 8)
+    dispatch_attention_fn(q, q, q)
+    return kernels(calls, "outside")
+
+
+@pytest.mark.slow
+def test_attention_backend_is_used_for_the_edit_only(sampler, handle, mods, monkeypatch):
+    """A backend that runs on CPU (SDPA's math kernel) runs every attention of the transformer during the edit and
+    nothing else: not the VAE or text encoder, not other pipelines, not later edits, not after a cancelled edit."""
+    L, S, C = mods
     transformer = L.current_pipeline().pipe.transformer
-    global_before = _AttentionBackendRegistry.get_active_backend()[0]
+    calls = sdpa_calls(monkeypatch, transformer)
+    assert another_pipelines_kernels(calls) == {"any"}
     base = base_edit(sampler, handle)
-    out = edit(sampler, L.PipeHandle(handle.settings, speed=S.SpeedOptions(attention_backend="_native_math")))
-    assert {str(getattr(b, "value", b)) for b in processor_backends(transformer)} == {"_native_math"}
-    assert _AttentionBackendRegistry.get_active_backend()[0] == global_before  # other pipelines unaffected
+    math = L.PipeHandle(handle.settings, speed=S.SpeedOptions(attention_backend="_native_math"))
+    calls.clear()
+    out = edit(sampler, math)
+    assert kernels(calls, "transformer") == {"math only"} and kernels(calls, "outside") == {"any"}
+    assert S.effective(L.current_pipeline()).attention_backend == "_native_math"
     torch.testing.assert_close(out, base, rtol=0, atol=1e-4)
+    assert another_pipelines_kernels(calls) == {"any"}
+    calls.clear()
     assert torch.equal(edit(sampler, handle), base)
-    assert processor_backends(transformer) == {None}
-    assert _AttentionBackendRegistry.get_active_backend()[0] == global_before
+    assert kernels(calls, "transformer") == {"any"}
+    assert processor_backends(transformer) == {None}  # no per-model backend is ever set
+    C.request_cancel()
+    with pytest.raises(C.Cancelled):
+        edit(sampler, math)
+    assert another_pipelines_kernels(calls) == {"any"}
 
 
 @pytest.mark.slow
