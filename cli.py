@@ -2,6 +2,7 @@
 """Qwen-Image-Edit from the terminal, through the pack's own ComfyUI nodes.
 
     python cli.py edit --image in.png --prompt "Replace the sky with a sunset" --output out.png
+    python cli.py batch --manifest edits.csv --output out/ [--gpus all | --workers N | --ray]
     python cli.py doctor [--json] [--model PATH_OR_HUB_ID] [--comfyui PATH]
     python cli.py selftest
 

@@ -1,4 +1,4 @@
-"""CPU benchmarks (figures 1-6 and 8): where time and memory go, side by side with plain diffusers.
+"""CPU benchmarks (figures 1-6 and 8-10): where time and memory go, side by side with plain diffusers.
 
     python benchmarks/run.py                 # full run (~4 min on 2 cores), JSON to $TMPDIR/qwen-image-edit-benchmarks/
     python benchmarks/run.py --save          # the same, JSON to benchmarks/results/cpu.json (what the README quotes)
@@ -51,12 +51,14 @@ from benchmarks.common import (  # noqa: E402 - the repo root must be on sys.pat
 SCRIPT = Path(__file__).resolve()
 MB = 1e6
 
-ALL_FIGURES = ("1", "2", "3", "4", "5", "6", "8")  # 7 is gpu.py's
+ALL_FIGURES = ("1", "2", "3", "4", "5", "6", "8", "9", "10")  # 7 is gpu.py's
 FULL = dict(import_runs=7, edit_size=128, edit_steps=4, edit_pairs=9, warm_repeats=2000, convert_runs=9,
-            load_layers=4, edit_threads=1, files_layers=2, files_repeats=7, file_rows=None)
+            load_layers=4, edit_threads=1, files_layers=2, files_repeats=7, file_rows=None,
+            batch_rows=12, batch_order=(1, 2, 2, 1), masked_pairs=3)
 QUICK = dict(import_runs=2, edit_size=64, edit_steps=2, edit_pairs=2, warm_repeats=200, convert_runs=3,
              load_layers=1, edit_threads=1, files_layers=1, files_repeats=2,
-             file_rows=("diffusers folder", "scaled fp8 + fp8 text encoder", "GGUF Q4_0"))
+             file_rows=("diffusers folder", "scaled fp8 + fp8 text encoder", "GGUF Q4_0"),
+             batch_rows=4, batch_order=(1, 2), masked_pairs=1)
 
 
 # -- figure 1: import cost ---------------------------------------------------------------------------
@@ -737,6 +739,115 @@ def files_table(rows: list[dict[str, Any]]) -> str:
                        "peak RSS MB (x folder)", "transformer MB (x bf16)", "text encoder MB (x bf16)"])
 
 
+# -- figure 9: batch throughput with 1 and 2 local workers --------------------------------------------
+
+
+def _batch_run(manifest: Path, out: Path, model: Path, workers: int, steps: int, size: int) -> dict[str, Any]:
+    """`python cli.py batch ... --workers N` as a user runs it; rows per minute from its results file."""
+    import subprocess
+
+    cmd = [sys.executable, str(SCRIPT.parent.parent / "cli.py"), "batch", "--manifest", str(manifest), "-o", str(out),
+           "--model", str(model), "--precision", "float32", "--steps", str(steps), "--size-mode", "custom",
+           "--width", str(size), "--height", str(size), "--workers", str(workers)]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"batch --workers {workers} failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    times = sorted(r["time"] for r in records if r["status"] == "done")
+    # Steady state: rows finished after the first one, over the time since it (the model loads are before).
+    steady = 60 * (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
+    return {"workers": workers, "rows": len(times), "wall_s": round(wall, 2),
+            "rows_per_min_wall": round(60 * len(times) / wall, 2),
+            "rows_per_min": round(steady, 2) if steady else None}
+
+
+def fig_batch_workers(cfg: dict, tmp: Path, tiny: Tiny) -> dict[str, Any]:
+    import numpy as np
+    from PIL import Image
+
+    from tinykit.tiny_pipeline import make_test_image
+
+    size, steps, rows = cfg["edit_size"] // 2, cfg["edit_steps"], cfg["batch_rows"]
+    folder = tmp / "batch-inputs"
+    folder.mkdir(exist_ok=True)
+    lines = ["image,prompt,seed,output"]
+    for i in range(rows):
+        make_test_image(size, size, seed=i).save(folder / f"in{i}.png")
+        lines.append(f"in{i}.png,Make the sky colour {i},{i},out{i}.png")
+    manifest = folder / "manifest.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    runs = []
+    for k, workers in enumerate(cfg["batch_order"]):
+        log(f"  figure 9: run {k + 1}/{len(cfg['batch_order'])}: {rows} rows, --workers {workers}")
+        runs.append({**_batch_run(manifest, tmp / f"batch-out-{k}", tiny.dir, workers, steps, size), "out": k})
+    by = {w: [r for r in runs if r["workers"] == w] for w in (1, 2)}
+    one, two = (median([r["rows_per_min"] for r in by[w]]) for w in (1, 2))
+    one_wall, two_wall = (median([r["rows_per_min_wall"] for r in by[w]]) for w in (1, 2))
+    first = {w: by[w][0]["out"] for w in (1, 2)}
+    identical = all(np.array_equal(np.array(Image.open(tmp / f"batch-out-{first[1]}" / f"out{i}.png")),
+                                   np.array(Image.open(tmp / f"batch-out-{first[2]}" / f"out{i}.png")))
+                    for i in range(rows))
+    ratio = round(two / one, 2)
+    return figure(
+        "9", "Batch rows per minute, 2 local workers / 1 (tiny kit, CPU)", ratio, "x", "> 1x", ratio > 1,
+        f"`cli.py batch --workers 1` {one:.1f} rows/min, `--workers 2` {two:.1f} rows/min once loaded "
+        f"(with start-up and model loads: {one_wall:.1f} and {two_wall:.1f}); {rows} rows, {size}x{size}, "
+        f"{steps} steps, float32, medians of {len(by[1])} runs each, interleaved; identical pixels: {identical}",
+        runs=runs, rows=rows, size=size, steps=steps, one_worker=one, two_workers=two, one_worker_wall=one_wall,
+        two_workers_wall=two_wall, identical_pixels=identical,
+    )
+
+
+# -- figure 10: masked edit of a large photo ----------------------------------------------------------
+
+
+def fig_masked(cfg: dict, tiny: Tiny) -> dict[str, Any]:
+    """A 6000x4000 photo with a 512x512 mask against an unmasked ~1 MP edit, same steps, interleaved."""
+    import torch
+
+    M = pack_module("utils.mask")
+    steps, prompt = cfg["edit_steps"], "make it red"
+    handle = tiny.load()
+    generator = torch.Generator().manual_seed(0)
+    photo = torch.rand(1, 4000, 6000, 3, generator=generator)
+    mask = torch.zeros(4000, 6000)
+    mask[1744:2256, 2744:3256] = 1
+    small = torch.rand(1, 816, 1224, 3, generator=generator)  # 1 MP at the photo's 3:2
+    args = (prompt, " ", 0, steps, 1.0, "auto", 1024, 1024, 1)
+    region = M.edit_region(mask, 0).bool()
+
+    def masked() -> Any:
+        return tiny.sampler_node.edit(handle, photo, *args, mask=mask)[0]
+
+    def plain() -> Any:
+        return tiny.sampler_node.edit(handle, small, *args)[0]
+
+    masked(), plain()  # warm-up
+    t_masked, t_plain, untouched = [], [], True
+    for i in range(cfg["masked_pairs"]):
+        for fn in ((masked, plain) if i % 2 == 0 else (plain, masked)):
+            start = time.perf_counter()
+            out = fn()
+            (t_masked if fn is masked else t_plain).append(time.perf_counter() - start)
+            if fn is masked:
+                untouched &= out.shape == photo.shape and bool(torch.equal(out[0][~region], photo[0][~region]))
+        log(f"  figure 10: pair {i + 1}/{cfg['masked_pairs']}: masked {t_masked[-1]:.2f} s, 1 MP {t_plain[-1]:.2f} s")
+    ratio = round(median(t_masked) / median(t_plain), 2)
+    window = M.context_window(M.mask_box(mask), 6000, 4000, 2.0)
+    return figure(
+        "10", "Masked edit of a 6000x4000 photo (512x512 mask) / unmasked 1 MP edit", ratio, "x", "<= 1.5x",
+        ratio <= 1.5 and untouched,
+        f"tiny pipeline fp32 on CPU, {steps} steps, true_cfg_scale 1, size_mode auto: masked {median(t_masked):.2f} s "
+        f"(window {window[2] - window[0]}x{window[3] - window[1]} edited at 1024x1024, stitched into the 24 MP "
+        f"photo), unmasked 1224x816 {median(t_plain):.2f} s (edited at 1248x832); medians of "
+        f"{len(t_masked)} interleaved runs; every pixel outside the mask identical: {untouched}",
+        masked_s=[round(t, 3) for t in t_masked], plain_s=[round(t, 3) for t in t_plain], steps=steps,
+        untouched_outside=untouched,
+    )
+
+
 # -- main ---------------------------------------------------------------------------------------------
 
 
@@ -800,6 +911,8 @@ def main(argv: list[str] | None = None) -> int:
             ("5", "load memory", lambda: fig_load_memory(cfg, tmp, need_tiny())),
             ("6", "quantized sizes", lambda: fig_quantized(cfg, tmp, need_tiny())),
             ("8", "ComfyUI files vs the diffusers folder", lambda: fig_files(cfg, tmp, need_tiny())),
+            ("9", "batch rows per minute, 1 vs 2 local workers", lambda: fig_batch_workers(cfg, tmp, need_tiny())),
+            ("10", "masked edit of a 6000x4000 photo", lambda: fig_masked(cfg, need_tiny())),
         ]
         for fid, title, fn in steps:
             if fid not in wanted:

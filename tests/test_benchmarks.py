@@ -36,7 +36,7 @@ def test_cpu_benchmarks_quick(tmp_path: Path) -> None:
     assert data["kind"] == "cpu" and data["quick"] is True
     assert MACHINE_KEYS <= set(data["machine"])
     figures = {f["id"]: f for f in data["figures"]}
-    assert sorted(figures) == ["1", "2", "3", "4", "5", "6", "8"]
+    assert sorted(figures) == ["1", "2", "3", "4", "5", "6", "8", "9"]
     for fid, fig in figures.items():
         assert FIGURE_KEYS <= set(fig), fid
         assert not fig["notes"].startswith("error"), fig["notes"]
@@ -48,6 +48,7 @@ def test_cpu_benchmarks_quick(tmp_path: Path) -> None:
     assert figures["2"]["details"]["identical_arguments"] is True
     assert figures["3"]["details"]["repeats"] > 0
     assert figures["4"]["details"]["exact_round_trip"] is True
+    assert figures["9"]["details"]["identical_pixels"] is True  # 1 and 2 batch workers edit alike
     for side in ("pack", "diffusers"):
         assert {"baseline", "peak", "after"} <= set(figures["5"]["details"][side])
     assert figures["5"]["details"]["disk_mb"] > 0
