@@ -123,6 +123,11 @@ def loras(tmp_path_factory):
             "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.randn(3072, 4),
         }),
         "full": save_raw(root / "model.safetensors", {"transformer_blocks.0.attn.to_q.weight": torch.randn(8, 8)}),
+        # LoKr: diffusers' Qwen-Image load_lora_weights takes LoRA weights only.
+        "lokr": save_raw(root / "lokr_style.safetensors", {
+            "transformer.transformer_blocks.0.attn.to_q.lokr_w1": torch.randn(4, 4),
+            "transformer.transformer_blocks.0.attn.to_q.lokr_w2": torch.randn(16, 16),
+        }),
     }
     (root / "garbage.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not json at all!")
     files["garbage"] = root / "garbage.safetensors"
@@ -409,6 +414,7 @@ def test_wrong_lora_on_a_clean_pipeline_leaves_the_base_model(sampler, handle, l
     ("ckpt", r"style\.ckpt is a \.ckpt file\. Only \.safetensors LoRAs are loaded"),
     ("garbage", r"garbage\.safetensors is not a valid safetensors file"),
     ("full", r"model\.safetensors holds no LoRA weights .*full model checkpoint"),
+    ("lokr", r"lokr_style\.safetensors is a LoKr \(LyCORIS\) adapter; .*Choose a LoRA version"),
 ])
 def test_unusable_files_are_refused_by_the_node(handle, lora_node, loras, mods, key, match):
     with pytest.raises(mods[1].LoraError, match=match):
