@@ -29,3 +29,24 @@ def pack_latents(pipe: Any, latents: Any) -> Any:
     as the pipeline packs its noise and reference latents (masked edits blend in this layout)."""
     batch, channels, _, height, width = latents.shape
     return type(pipe)._pack_latents(latents, batch, channels, height, width)
+
+
+def empty_host_cache() -> bool:
+    """Give the pinned (page-locked) host memory that PyTorch's host caching allocator keeps back to the system.
+
+    Group offload with CUDA streams pins every offloaded weight; once the pipeline is released those blocks
+    stay in the allocator's cache (RSS stays up, and pinned pages cannot even be swapped) until this runs.
+    Public since torch 2.9 as `torch.accelerator.empty_host_cache`; older releases only have the private
+    `torch._C._host_emptyCache` (same allocator). A no-op, returning False, without an initialised CUDA
+    context: nothing can have been pinned, and no context is created here.
+    """
+    import torch
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return False
+    empty = getattr(getattr(torch, "accelerator", None), "empty_host_cache", None) \
+        or getattr(torch._C, "_host_emptyCache", None)
+    if empty is None:  # pragma: no cover - torch too old to have a host cache to empty
+        return False
+    empty()
+    return True

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from ..utils import comfy
 from ..utils.errors import QwenEditError
-from . import from_files
+from . import compat, from_files
 from .placement import Placement, plan_placement
 from .weights import BYTES_PER_PARAM, ModelFolder, ModelFolderError, inspect_model_folder
 
@@ -201,6 +201,7 @@ def release_pipeline() -> bool:
         log.info("Qwen-Image-Edit: released %s", loaded.settings.model)
         del loaded
         comfy.empty_cache()
+        compat.empty_host_cache()  # pinned host memory of group offload (a no-op without CUDA)
         comfy.trim_host_memory()
         return True
 

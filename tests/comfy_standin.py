@@ -6,10 +6,17 @@ names and behaviour as ComfyUI 0.8.0's source, exactly the API `utils/comfy.py` 
 get_free_memory, soft_empty_cache),
 `comfy.utils.ProgressBar` with its global hook, `comfy.utils.common_upscale`, and `folder_paths`.
 `tests/test_comfyui_real.py` runs the same checks against a real ComfyUI checkout when COMFYUI_PATH is set.
+
+The latent preview path is there too: `latent_preview.get_previewer` / `Latent2RGBPreviewer` /
+`set_preview_method`, `comfy.latent_formats.Wan21` with its real RGB factors and
+`comfy.cli_args.args.preview_method`. Previews are off (ComfyUI's `--preview-method none` default) until a
+test calls `set_preview_method("auto")`, as ComfyUI does for each prompt the frontend sends.
 """
 
 from __future__ import annotations
 
+import enum
+import logging
 import sys
 import threading
 import types
@@ -62,6 +69,8 @@ def install(models_dir: Path) -> dict[str, types.ModuleType]:
     # ComfyUI ships its Qwen2.5 tokenizer beside this module: comfy/text_encoders/qwen25_tokenizer/.
     mm.__file__ = str(models_dir.parent / "comfy" / "model_management.py")
     mm.soft_empty_cache = lambda force=False: None
+    mm.directml_enabled = False
+    mm.device_supports_non_blocking = lambda device: False
 
     utils = types.ModuleType("comfy.utils")
     utils.PROGRESS_BAR_HOOK = None
@@ -112,7 +121,8 @@ def install(models_dir: Path) -> dict[str, types.ModuleType]:
     utils.common_upscale = common_upscale
 
     folder_paths = types.ModuleType("folder_paths")
-    folders = {name: [str(models_dir / name)] for name in ("diffusers", "loras", "diffusion_models", "text_encoders", "vae")}
+    folders = {name: [str(models_dir / name)]
+               for name in ("diffusers", "loras", "diffusion_models", "text_encoders", "vae", "vae_approx")}
     # ComfyUI maps the legacy names to the same folders (folder_paths.map_legacy).
     folders["unet"] = folders["diffusion_models"]
     folders["clip"] = folders["text_encoders"]
@@ -143,11 +153,157 @@ def install(models_dir: Path) -> dict[str, types.ModuleType]:
 
     comfy.model_management = mm
     comfy.utils = utils
-    modules = {"comfy": comfy, "comfy.model_management": mm, "comfy.utils": utils, "folder_paths": folder_paths}
+    cli_args, latent_formats, latent_preview = _preview_modules(torch, mm)
+    comfy.cli_args = cli_args
+    comfy.latent_formats = latent_formats
+    modules = {"comfy": comfy, "comfy.model_management": mm, "comfy.utils": utils, "folder_paths": folder_paths,
+               "comfy.cli_args": cli_args, "comfy.latent_formats": latent_formats, "latent_preview": latent_preview}
     sys.modules.update(modules)
     return modules
 
 
+#: ComfyUI 0.8.0 comfy/latent_formats.py Wan21 (Qwen-Image's latent format): latent channel -> RGB.
+WAN21_LATENT_RGB_FACTORS = [
+    [-0.1299, -0.1692, 0.2932],
+    [0.0671, 0.0406, 0.0442],
+    [0.3568, 0.2548, 0.1747],
+    [0.0372, 0.2344, 0.1420],
+    [0.0313, 0.0189, -0.0328],
+    [0.0296, -0.0956, -0.0665],
+    [-0.3477, -0.4059, -0.2925],
+    [0.0166, 0.1902, 0.1975],
+    [-0.0412, 0.0267, -0.1364],
+    [-0.1293, 0.0740, 0.1636],
+    [0.0680, 0.3019, 0.1128],
+    [0.0032, 0.0581, 0.0639],
+    [-0.1251, 0.0927, 0.1699],
+    [0.0060, -0.0633, 0.0005],
+    [0.3477, 0.2275, 0.2950],
+    [0.1984, 0.0913, 0.1861],
+]
+WAN21_LATENT_RGB_FACTORS_BIAS = [-0.1835, -0.0868, -0.3360]
+
+
+def _preview_modules(torch, mm) -> tuple[types.ModuleType, types.ModuleType, types.ModuleType]:
+    """`comfy.cli_args`, `comfy.latent_formats` and `latent_preview` as ComfyUI 0.8.0 has them, minus TAESD
+    (no decoder file is ever there in tests: ComfyUI then warns and falls back to Latent2RGB, as here)."""
+    from PIL import Image
+
+    cli_args = types.ModuleType("comfy.cli_args")
+
+    class LatentPreviewMethod(enum.Enum):
+        NoPreviews = "none"
+        Auto = "auto"
+        Latent2RGB = "latent2rgb"
+        TAESD = "taesd"
+
+        @classmethod
+        def from_string(cls, value: str):
+            for member in cls:
+                if member.value == value:
+                    return member
+            return None
+
+    cli_args.LatentPreviewMethod = LatentPreviewMethod
+    # ComfyUI's command-line defaults: --preview-method none, --preview-size 512.
+    cli_args.args = types.SimpleNamespace(preview_method=LatentPreviewMethod.NoPreviews, preview_size=512, cpu=False)
+    args = cli_args.args
+
+    latent_formats = types.ModuleType("comfy.latent_formats")
+
+    class LatentFormat:
+        scale_factor = 1.0
+        latent_channels = 4
+        latent_dimensions = 2
+        latent_rgb_factors = None
+        latent_rgb_factors_bias = None
+        latent_rgb_factors_reshape = None
+        taesd_decoder_name = None
+
+    class Wan21(LatentFormat):
+        latent_channels = 16
+        latent_dimensions = 3
+        latent_rgb_factors = WAN21_LATENT_RGB_FACTORS
+        latent_rgb_factors_bias = WAN21_LATENT_RGB_FACTORS_BIAS
+
+        def __init__(self) -> None:
+            self.scale_factor = 1.0
+            self.taesd_decoder_name = "lighttaew2_1"
+
+    latent_formats.LatentFormat = LatentFormat
+    latent_formats.Wan21 = Wan21
+
+    lp = types.ModuleType("latent_preview")
+    lp.default_preview_method = args.preview_method
+    lp.MAX_PREVIEW_RESOLUTION = args.preview_size
+
+    def preview_to_image(latent_image, do_scale=True):
+        if do_scale:
+            latents_ubyte = ((latent_image + 1.0) / 2.0).clamp(0, 1).mul(0xFF)
+        else:
+            latents_ubyte = latent_image.clamp(0, 1).mul(0xFF)
+        latents_ubyte = latents_ubyte.to(device="cpu", dtype=torch.uint8,
+                                         non_blocking=mm.device_supports_non_blocking(latent_image.device))
+        return Image.fromarray(latents_ubyte.numpy())
+
+    class LatentPreviewer:
+        def decode_latent_to_preview(self, x0):
+            pass
+
+        def decode_latent_to_preview_image(self, preview_format, x0):
+            preview_image = self.decode_latent_to_preview(x0)
+            return ("JPEG", preview_image, lp.MAX_PREVIEW_RESOLUTION)
+
+    class Latent2RGBPreviewer(LatentPreviewer):
+        def __init__(self, latent_rgb_factors, latent_rgb_factors_bias=None, latent_rgb_factors_reshape=None):
+            self.latent_rgb_factors = torch.tensor(latent_rgb_factors, device="cpu").transpose(0, 1)
+            self.latent_rgb_factors_bias = None
+            if latent_rgb_factors_bias is not None:
+                self.latent_rgb_factors_bias = torch.tensor(latent_rgb_factors_bias, device="cpu")
+            self.latent_rgb_factors_reshape = latent_rgb_factors_reshape
+
+        def decode_latent_to_preview(self, x0):
+            if self.latent_rgb_factors_reshape is not None:
+                x0 = self.latent_rgb_factors_reshape(x0)
+            self.latent_rgb_factors = self.latent_rgb_factors.to(dtype=x0.dtype, device=x0.device)
+            if self.latent_rgb_factors_bias is not None:
+                self.latent_rgb_factors_bias = self.latent_rgb_factors_bias.to(dtype=x0.dtype, device=x0.device)
+            x0 = x0[0, :, 0] if x0.ndim == 5 else x0[0]
+            latent_image = torch.nn.functional.linear(x0.movedim(0, -1), self.latent_rgb_factors,
+                                                      bias=self.latent_rgb_factors_bias)
+            return preview_to_image(latent_image)
+
+    def get_previewer(device, latent_format):
+        previewer = None
+        method = args.preview_method
+        if method != LatentPreviewMethod.NoPreviews:
+            if method == LatentPreviewMethod.Auto:
+                method = LatentPreviewMethod.Latent2RGB
+            if method == LatentPreviewMethod.TAESD:
+                logging.warning("Warning: TAESD previews enabled, but could not find models/vae_approx/%s",
+                                latent_format.taesd_decoder_name)
+            if latent_format.latent_rgb_factors is not None:
+                previewer = Latent2RGBPreviewer(latent_format.latent_rgb_factors, latent_format.latent_rgb_factors_bias,
+                                                latent_format.latent_rgb_factors_reshape)
+        return previewer
+
+    def set_preview_method(override: str | None = None) -> None:
+        if override and override != "default":
+            method = LatentPreviewMethod.from_string(override)
+            if method is not None:
+                args.preview_method = method
+                return
+        args.preview_method = lp.default_preview_method
+
+    lp.preview_to_image = preview_to_image
+    lp.LatentPreviewer = LatentPreviewer
+    lp.Latent2RGBPreviewer = Latent2RGBPreviewer
+    lp.get_previewer = get_previewer
+    lp.set_preview_method = set_preview_method
+    return cli_args, latent_formats, lp
+
+
 def uninstall() -> None:
-    for name in ("comfy", "comfy.model_management", "comfy.utils", "folder_paths"):
+    for name in ("comfy", "comfy.model_management", "comfy.utils", "folder_paths", "comfy.cli_args",
+                 "comfy.latent_formats", "latent_preview"):
         sys.modules.pop(name, None)

@@ -335,3 +335,62 @@ def test_scaling_inside_comfyui_uses_its_common_upscale_and_agrees_with_the_stan
     # Only bilinear / bicubic shrinks differ (ComfyUI does not antialias them); case 0 shrinks, 1 and 2 enlarge.
     shrinks = sorted(f"0-{m}-{f}" for m in ("bicubic", "bilinear") for f in ("crop", "pad", "stretch"))
     assert answer == {"uses_comfyui": True, "sizes_differ": [], "pixels_differ": shrinks, "standin_differs": []}
+
+
+#: Runs with COMFYUI_PYTHON: the real-widths edit (tests/test_real_shapes.py) with ComfyUI's own latent_preview,
+#: progress bar and model folders, no server.
+PREVIEW_PROBE = r"""
+import importlib, json, sys
+import numpy as np
+comfyui, repo, models = sys.argv[1:4]
+sys.path.insert(0, comfyui)
+from comfy.cli_args import args
+args.cpu = True
+import comfy.utils, folder_paths, latent_preview
+sys.path.insert(0, repo)
+from cli import load_pack
+from tinykit.real_shapes import save_real_shapes_pipeline
+from tinykit.tiny_pipeline import make_test_image
+import torch
+save_real_shapes_pipeline(models + "/diffusers/Qwen-Image-Edit-2511")
+folder_paths.add_model_folder_path("diffusers", models + "/diffusers", is_default=True)
+pack = load_pack()
+latent_preview.set_preview_method("auto")  # as ComfyUI does for a prompt from the frontend
+updates = []
+
+def hook(value, total, preview, node_id=None):
+    kind, picture, max_size = preview if preview is not None else (None, None, None)
+    pixels = np.asarray(picture) if picture is not None else np.zeros(1)
+    updates.append({"value": value, "total": total, "kind": kind, "max_size": max_size,
+                    "picture": type(picture).__module__ + "." + type(picture).__name__,
+                    "size": list(picture.size) if picture is not None else None,
+                    "mode": getattr(picture, "mode", None), "flat": bool(pixels.min() == pixels.max())})
+
+comfy.utils.set_progress_bar_global_hook(hook)
+loader_node = pack.NODE_CLASS_MAPPINGS["QwenImageEditLoader"]
+listed = "Qwen-Image-Edit-2511" in loader_node.INPUT_TYPES()["required"]["model"][0]
+(handle,) = loader_node().load("Qwen-Image-Edit-2511", "bfloat16", "same", "none", "transformer+text_encoder", "cpu", "none")
+image = torch.from_numpy(np.asarray(make_test_image(512, 384, seed=3), dtype=np.float32) / 255)[None]
+(out,) = pack.NODE_CLASS_MAPPINGS["QwenImageEditSampler"]().edit(
+    handle, image, prompt="Make the sky blue", negative_prompt=" ", seed=0, steps=2, true_cfg_scale=1.0,
+    size_mode="match", width=1024, height=1024, images_per_prompt=1)
+print(json.dumps({"listed": listed, "shape": list(out.shape), "finite": bool(torch.isfinite(out).all()),
+                  "updates": updates}))
+"""
+
+
+def test_real_widths_edit_sends_comfyuis_latent_previews(tmp_path):
+    """The edit of tests/test_real_shapes.py with ComfyUI's own latent_preview (Wan21 Latent2RGB) and progress bar:
+    every step reaches the progress hook with a preview picture of the 16-channel latents."""
+    python = os.environ.get("COMFYUI_PYTHON", sys.executable)
+    result = subprocess.run([python, "-c", PREVIEW_PROBE, COMFYUI, str(REPO), str(tmp_path / "models")],
+                            capture_output=True, text=True, timeout=900, cwd=COMFYUI,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer["listed"] and answer["shape"] == [1, 384, 512, 3] and answer["finite"]
+    assert [(u["value"], u["total"]) for u in answer["updates"]] == [(1, 2), (2, 2)]
+    for update in answer["updates"]:
+        assert update["kind"] == "JPEG" and update["max_size"] == 512, update
+        assert update["picture"].startswith("PIL.") and update["mode"] == "RGB", update
+        assert update["size"] == [512 // 8, 384 // 8] and not update["flat"], update

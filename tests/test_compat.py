@@ -46,6 +46,27 @@ def test_unpack_latents_inverts_the_pipelines_packing(compat):
     assert unpacked.shape == (1, 16, 1, 8, 12) and torch.equal(unpacked[:, :, 0], latents)
 
 
+def test_empty_host_cache_is_a_no_op_without_a_cuda_context(compat):
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        pytest.skip("CUDA is initialised in this process")
+    assert compat.empty_host_cache() is False
+    assert not torch.cuda.is_initialized()  # it never creates a context (seconds and ~300 MB of VRAM)
+
+
+@pytest.mark.gpu
+def test_empty_host_cache_gives_pinned_memory_back(compat):
+    def pinned_bytes() -> int:
+        return int(torch.cuda.host_memory_stats().get("allocated_bytes.current", 0))
+
+    torch.cuda.init()
+    block = torch.empty(64 * 2**20, dtype=torch.uint8).pin_memory()
+    del block
+    cached = pinned_bytes()
+    assert cached >= 64 * 2**20  # freed, but still held by torch's host cache
+    assert compat.empty_host_cache() is True
+    assert cached - pinned_bytes() >= 64 * 2**20
+
+
 def test_pack_latents_is_the_pipelines_packing(compat):
     from diffusers import QwenImageEditPlusPipeline
 

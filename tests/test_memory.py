@@ -77,3 +77,23 @@ def test_disable_smart_memory_is_said_once(L, comfyui, tiny_2511_dir, caplog):
             L.get_pipeline(L.LoadSettings(str(tiny_2511_dir), precision=precision, device="cpu",
                                           quantization="none", offload="none"))
     assert sum("--disable-smart-memory" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_release_empties_the_pinned_host_cache_once_the_pipeline_is_gone(L, pack, comfyui, tiny_2511_dir, monkeypatch):
+    """Pinned blocks can only go back once the tensors in them are freed: the cache is emptied after the release."""
+    import weakref
+
+    compat = importlib.import_module(f"{pack.__name__}.loaders.compat")
+    settings = L.LoadSettings(str(tiny_2511_dir), precision="float32", device="cpu", quantization="none",
+                              offload="none")
+    transformer = weakref.ref(L.get_pipeline(settings).pipe.transformer)
+    seen: list[bool] = []
+    real = compat.empty_host_cache
+
+    def spy() -> bool:
+        seen.append(L.current_pipeline() is None and transformer() is None)
+        return real()
+
+    monkeypatch.setattr(compat, "empty_host_cache", spy)
+    assert L.release_pipeline()
+    assert seen == [True]

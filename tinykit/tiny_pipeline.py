@@ -58,6 +58,7 @@ if TYPE_CHECKING:  # heavy imports stay lazy so importing this module is cheap
 __all__ = [
     "PROMPT_TEMPLATE",
     "PROMPT_TEMPLATE_DROP_TOKENS",
+    "QWEN_FIRST_ADDED_ID",
     "QWEN_SPECIAL_TOKENS",
     "SCHEDULER_CONFIG",
     "TEXT_HIDDEN_SIZE",
@@ -110,6 +111,8 @@ QWEN_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|image_pad|>",
     "<|video_pad|>",
 )
+#: The real Qwen2 tokenizer's id of its first added token (``<|endoftext|>``): its BPE vocab has 151643 entries.
+QWEN_FIRST_ADDED_ID = 151643
 #: Non-special added tokens of the real tokenizer (kept for a faithful layout; unused by the pipeline).
 _QWEN_EXTRA_ADDED_TOKENS: tuple[str, ...] = (
     "<tool_call>",
@@ -279,12 +282,17 @@ def _split_special(text: str) -> list[str]:
     return [p for p in pieces if p]
 
 
-def build_tiny_tokenizer() -> Qwen2Tokenizer:
+def build_tiny_tokenizer(first_added_id: int | None = None) -> Qwen2Tokenizer:
     """A byte-level BPE :class:`transformers.Qwen2Tokenizer` trained locally, with Qwen's added tokens.
 
     Uses the real Qwen2 pre-tokenizer (split regex + byte-level), so untrained text still tokenises
     (every byte is in the alphabet).  Training on the prompt template makes each template word a
     single token, hence a 64-token system prefix as with the real tokenizer.  Deterministic.
+
+    ``first_added_id`` (e.g. :data:`QWEN_FIRST_ADDED_ID`) pads the vocabulary with tokens no merge can
+    produce so that the added tokens get the real tokenizer's ids (``<|image_pad|>`` = 151655): the
+    real text-encoder config, which finds image tokens by id, then works unchanged.  The text still
+    tokenises exactly as without padding.
     """
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
     from transformers import AddedToken, Qwen2Tokenizer
@@ -311,6 +319,12 @@ def build_tiny_tokenizer() -> Qwen2Tokenizer:
     vocab: dict[str, int] = dict(bpe.get_vocab())
     merges: list[tuple[str, str]] = [(first, second) for first, second in _bpe_merges(bpe)]
     next_id = len(vocab)
+    if first_added_id is not None:
+        if first_added_id < next_id:
+            raise ValueError(f"first_added_id={first_added_id} is below the trained vocabulary ({next_id} tokens)")
+        # Unreachable: no merge builds "<unused_N>" from its bytes, so tokenisation is unchanged.
+        vocab.update({f"<unused_{i}>": i for i in range(next_id, first_added_id)})
+        next_id = first_added_id
     for token in QWEN_SPECIAL_TOKENS + _QWEN_EXTRA_ADDED_TOKENS:
         vocab[token] = next_id
         next_id += 1
