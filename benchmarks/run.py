@@ -1,4 +1,4 @@
-"""CPU benchmarks (figures 1-6 and 8-10): where time and memory go, side by side with plain diffusers.
+"""CPU benchmarks (figures 1-6 and 8-11): where time and memory go, side by side with plain diffusers.
 
     python benchmarks/run.py                 # full run (~4 min on 2 cores), JSON to $TMPDIR/qwen-image-edit-benchmarks/
     python benchmarks/run.py --save          # the same, JSON to benchmarks/results/cpu.json (what the README quotes)
@@ -51,14 +51,14 @@ from benchmarks.common import (  # noqa: E402 - the repo root must be on sys.pat
 SCRIPT = Path(__file__).resolve()
 MB = 1e6
 
-ALL_FIGURES = ("1", "2", "3", "4", "5", "6", "8", "9", "10")  # 7 is gpu.py's
+ALL_FIGURES = ("1", "2", "3", "4", "5", "6", "8", "9", "10", "11")  # 7 is gpu.py's
 FULL = dict(import_runs=7, edit_size=128, edit_steps=4, edit_pairs=9, warm_repeats=2000, convert_runs=9,
             load_layers=4, edit_threads=1, files_layers=2, files_repeats=7, file_rows=None,
-            batch_rows=12, batch_order=(1, 2, 2, 1), masked_pairs=3)
+            batch_rows=12, batch_order=(1, 2, 2, 1), masked_pairs=3, release_layers=8)
 QUICK = dict(import_runs=2, edit_size=64, edit_steps=2, edit_pairs=2, warm_repeats=200, convert_runs=3,
              load_layers=1, edit_threads=1, files_layers=1, files_repeats=2,
              file_rows=("diffusers folder", "scaled fp8 + fp8 text encoder", "GGUF Q4_0"),
-             batch_rows=4, batch_order=(1, 2), masked_pairs=1)
+             batch_rows=4, batch_order=(1, 2), masked_pairs=1, release_layers=2)
 
 
 # -- figure 1: import cost ---------------------------------------------------------------------------
@@ -815,7 +815,8 @@ def fig_masked(cfg: dict, tiny: Tiny) -> dict[str, Any]:
     mask = torch.zeros(4000, 6000)
     mask[1744:2256, 2744:3256] = 1
     small = torch.rand(1, 816, 1224, 3, generator=generator)  # 1 MP at the photo's 3:2
-    args = (prompt, " ", 0, steps, 1.0, "auto", 1024, 1024, 1)
+    side = 1024 if cfg["masked_pairs"] > 1 else cfg["edit_size"]  # --quick: both sides edit ~64x64 px of area
+    args = (prompt, " ", 0, steps, 1.0, "auto" if side == 1024 else "custom", side, side, 1)
     region = M.edit_region(mask, 0).bool()
 
     def masked() -> Any:
@@ -839,12 +840,67 @@ def fig_masked(cfg: dict, tiny: Tiny) -> dict[str, Any]:
     return figure(
         "10", "Masked edit of a 6000x4000 photo (512x512 mask) / unmasked 1 MP edit", ratio, "x", "<= 1.5x",
         ratio <= 1.5 and untouched,
-        f"tiny pipeline fp32 on CPU, {steps} steps, true_cfg_scale 1, size_mode auto: masked {median(t_masked):.2f} s "
-        f"(window {window[2] - window[0]}x{window[3] - window[1]} edited at 1024x1024, stitched into the 24 MP "
-        f"photo), unmasked 1224x816 {median(t_plain):.2f} s (edited at 1248x832); medians of "
+        f"tiny pipeline fp32 on CPU, {steps} steps, true_cfg_scale 1, size_mode {args[5]} ({side}x{side} px of area):"
+        f" masked {median(t_masked):.2f} s (window {window[2] - window[0]}x{window[3] - window[1]}, stitched into "
+        f"the 24 MP photo), unmasked 1224x816 {median(t_plain):.2f} s; medians of "
         f"{len(t_masked)} interleaved runs; every pixel outside the mask identical: {untouched}",
         masked_s=[round(t, 3) for t in t_masked], plain_s=[round(t, 3) for t in t_plain], steps=steps,
         untouched_outside=untouched,
+    )
+
+
+# -- figure 11: host RSS before load, loaded, after release ------------------------------------------
+
+
+def child_release_memory(folder: str, warm: str, mode: str) -> dict[str, Any]:
+    """In a fresh interpreter: RSS before the loader loads `folder` (bf16, CPU), once every weight has been read,
+    and after `release_pipeline`; mode "no-trim" skips its malloc_trim, to show what that gives back."""
+    L = pack_module("loaders.pipeline")
+    if mode == "no-trim":
+        pack_module("utils.comfy").trim_host_memory = lambda: None
+
+    def load(path: str) -> Any:
+        return L.get_pipeline(L.LoadSettings(path, precision="bfloat16", quantization="none", device="cpu",
+                                             offload="none")).pipe
+
+    load(warm)  # the tiny folder first: lazy imports and one-time allocations land in the baseline
+    L.release_pipeline()
+    gc.collect()
+    before = current_rss()
+    pipe = load(folder)
+    _touch_weights(pipe)  # as the first edit would: memory-mapped weights are paged in
+    loaded = current_rss()
+    del pipe
+    released = L.release_pipeline()
+    after = current_rss()
+    return {"before": before, "loaded": loaded, "after": after, "released": released}
+
+
+def fig_release_memory(cfg: dict, tmp: Path, tiny: Tiny) -> dict[str, Any]:
+    from benchmarks import synthetic
+
+    folder = tmp / "release"
+    synthetic.save_pipeline(folder, synthetic.large_transformer_config(cfg["release_layers"]))
+    disk = dir_bytes(folder)
+    results = {}
+    for mode in ("pack", "no-trim"):
+        log(f"  figure 11: {disk / MB:.0f} MB loaded and released in a fresh interpreter ({mode})")
+        results[mode] = run_child(SCRIPT, ["--child", "release-memory", "--dir", str(folder), "--warm", str(tiny.dir),
+                                           "--mode", mode])
+    pack, plain = results["pack"], results["no-trim"]
+    grown = max(1, pack["loaded"] - pack["before"])
+    kept = (pack["after"] - pack["before"]) / grown
+    kept_plain = (plain["after"] - plain["before"]) / max(1, plain["loaded"] - plain["before"])
+    return figure(
+        "11", "Host RSS kept after release / RSS the load added", round(kept, 3), "x", "<= 0.1x",
+        kept <= 0.1 and pack["released"],
+        f"{disk / MB:.0f} MB of bf16 safetensors ({cfg['release_layers']}-layer transformer, inner dim 1024) loaded "
+        f"bf16 on CPU by the loader, every weight read once, then release_pipeline: RSS before load "
+        f"{pack['before'] / MB:.0f} MB, loaded {pack['loaded'] / MB:.0f} MB, after release {pack['after'] / MB:.0f} MB; "
+        f"without its malloc_trim: {plain['before'] / MB:.0f} / {plain['loaded'] / MB:.0f} / {plain['after'] / MB:.0f} "
+        f"MB ({kept_plain:.2f}x kept)",
+        disk_mb=round(disk / MB, 1), pack={k: _mb(v) for k, v in pack.items()},
+        no_trim={k: _mb(v) for k, v in plain.items()}, no_trim_ratio=round(kept_plain, 3),
     )
 
 
@@ -880,6 +936,10 @@ def main(argv: list[str] | None = None) -> int:
         quiet()
         print(json.dumps(child_load_memory(args.dir, args.warm, args.mode)))
         return 0
+    if args.child == "release-memory":
+        quiet()
+        print(json.dumps(child_release_memory(args.dir, args.warm, args.mode)))
+        return 0
     if args.child == "files-load":
         quiet()
         print(json.dumps(child_files_loads(json.loads(args.spec))))
@@ -913,6 +973,7 @@ def main(argv: list[str] | None = None) -> int:
             ("8", "ComfyUI files vs the diffusers folder", lambda: fig_files(cfg, tmp, need_tiny())),
             ("9", "batch rows per minute, 1 vs 2 local workers", lambda: fig_batch_workers(cfg, tmp, need_tiny())),
             ("10", "masked edit of a 6000x4000 photo", lambda: fig_masked(cfg, need_tiny())),
+            ("11", "host RSS before load, loaded, after release", lambda: fig_release_memory(cfg, tmp, need_tiny())),
         ]
         for fid, title, fn in steps:
             if fid not in wanted:

@@ -1,6 +1,6 @@
 """The benchmark scripts run and write the JSON their README table comes from (no timing assertions).
 
-`benchmarks/run.py --quick` (figures 1-6 and 8 with few repeats, ~1.5 min on 2 cores) and
+`benchmarks/run.py --quick` (figures 1-6 and 8-11 with few repeats, ~1.5 min on 2 cores) and
 `benchmarks/gpu.py --tiny` (figure 7's code path on the tiny config; GPU-only configs are skipped on
 CPU) each run in a subprocess, as a user runs them. Only the presence and shape of the figures and
 the deterministic facts (identical pixels, exact round trip, no heavy imports) are checked: wall
@@ -36,7 +36,7 @@ def test_cpu_benchmarks_quick(tmp_path: Path) -> None:
     assert data["kind"] == "cpu" and data["quick"] is True
     assert MACHINE_KEYS <= set(data["machine"])
     figures = {f["id"]: f for f in data["figures"]}
-    assert sorted(figures) == ["1", "2", "3", "4", "5", "6", "8", "9"]
+    assert sorted(figures, key=int) == ["1", "2", "3", "4", "5", "6", "8", "9", "10", "11"]
     for fid, fig in figures.items():
         assert FIGURE_KEYS <= set(fig), fid
         assert not fig["notes"].startswith("error"), fig["notes"]
@@ -49,6 +49,10 @@ def test_cpu_benchmarks_quick(tmp_path: Path) -> None:
     assert figures["3"]["details"]["repeats"] > 0
     assert figures["4"]["details"]["exact_round_trip"] is True
     assert figures["9"]["details"]["identical_pixels"] is True  # 1 and 2 batch workers edit alike
+    assert figures["10"]["details"]["untouched_outside"] is True  # the 24 MP photo outside the mask
+    for side in ("pack", "no_trim"):  # figure 11: RSS before load, loaded, after release, in one run
+        assert {"before", "loaded", "after"} <= set(figures["11"]["details"][side])
+        assert figures["11"]["details"][side]["released"] is True
     for side in ("pack", "diffusers"):
         assert {"baseline", "peak", "after"} <= set(figures["5"]["details"][side])
     assert figures["5"]["details"]["disk_mb"] > 0
