@@ -8,8 +8,9 @@ saved as a diffusers folder under ComfyUI's models/diffusers, picked in the load
 edited at 512x384 by the sampler node, with ComfyUI's latent preview on (the stand-in mirrors ComfyUI
 0.8.0's latent_preview; tests/test_comfyui_real.py runs the same edit in a real ComfyUI).
 
-Measured on 2 CPU cores: ~25 s to write the folder (~3.7 GB, removed afterwards), ~40 s per edit,
-~5 GB peak RSS.
+Measured on 2 CPU cores with AMX (shared with other jobs, load ~5-9): 25-30 s to write the folder (~3.7 GB,
+removed afterwards), 75 s for the load and edit (the real VAE encoding the reference at ~1 MP is most of
+it: ~45 s; decode ~20 s, transformer ~8 s a step), 4.2 GB peak RSS for the whole module.
 """
 
 from __future__ import annotations
