@@ -203,7 +203,7 @@ def read_manifest(path: Path) -> list[dict[str, Any]]:
             continue
         if "image1" in row and not row.get("image"):
             row["image"] = row.pop("image1")
-        unknown.update(str(k) for k in row if k not in COLUMNS and k != "image1")
+        unknown.update(str(k) for k in row if k is not None and k not in COLUMNS and k != "image1")
         out.append({key: _cell(row.get(key)) for key in COLUMNS})
     if unknown:
         print(f"note: ignoring manifest columns {', '.join(sorted(unknown))} (known: {', '.join(COLUMNS)})",
@@ -387,6 +387,8 @@ class Results:
         self.handle = open(path, "a", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
+        record.setdefault("worker", None)  # rows settled on the driver (refused, skipped) have no worker
+        record.setdefault("time", round(time.time(), 3))
         self.handle.write(json.dumps(record) + "\n")
         self.handle.flush()
         os.fsync(self.handle.fileno())
@@ -601,6 +603,7 @@ def run_local_workers(cli: types.ModuleType, job: Job, tasks: list[dict[str, Any
         task_queue.put(task)
     for _ in range(count):
         task_queue.put(None)
+    task_queue.cancel_join_thread()  # rows left in the queue after a Ctrl-C must not hold up the exit
     threads = None if devices else max(1, (os.cpu_count() or 1) // count)
     processes = []
     for index in range(count):
@@ -707,6 +710,19 @@ class EditActor:
         return {"result": np.array(records, dtype=object)}
 
 
+def _cause(exc: BaseException) -> str:
+    """The innermost error Ray wrapped (an actor's LoadError, say), as its last line of text."""
+    seen = set()
+    while id(exc) not in seen:
+        seen.add(id(exc))
+        inner = getattr(exc, "cause", None) or exc.__cause__
+        if not isinstance(inner, BaseException):
+            break
+        exc = inner
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
+
+
 def ray_env(job: Job) -> dict[str, str]:
     """Environment of every actor: offline Hugging Face libraries, and this folder importable (as `cli`)."""
     cli = _cli()
@@ -754,6 +770,10 @@ def run_ray(cli: types.ModuleType, job: Job, tasks: list[dict[str, Any]], addres
         )
         for row in dataset.iter_rows():
             on_result(json.loads(str(row["result"])))
+    except BatchError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Ray wraps the actor's error; show its one-line cause
+        raise BatchError(f"the Ray run stopped: {_cause(exc)}") from None
     finally:
         if started:
             ray.shutdown()
@@ -815,6 +835,8 @@ def _run(cli: types.ModuleType, pack: types.ModuleType, args: argparse.Namespace
     use_ray = bool(args.ray or args.ray_address)
     if args.gpus is not None and args.workers is not None:
         raise BatchError("give --gpus (one worker per GPU) or --workers (CPU workers), not both")
+    if args.gpus is not None and loader.get("device") not in ("auto", "cuda"):
+        raise BatchError(f"--gpus gives each worker one GPU as its device; leave --device on auto, not {args.device}")
     job = Job(loader_node, loader, str(output_dir), os.environ.get(CRASH_ONCE_ENV) or None)
     if args.manifest is not None:
         manifest = args.manifest.expanduser().resolve()
@@ -859,6 +881,8 @@ def _run(cli: types.ModuleType, pack: types.ModuleType, args: argparse.Namespace
                         else:
                             finished = run_local_workers(cli, job, plan.tasks, count, devices, on_result,
                                                          progress.ready)
+                except KeyboardInterrupt:  # a second Ctrl-C, or the first one under Ray: finished rows stay
+                    finished = False
                 finally:
                     progress.close()
                     seconds = time.perf_counter() - started

@@ -367,7 +367,7 @@ def test_two_local_workers_give_the_same_pixels(run_batch, tiny_2511_dir, images
 # -- Ray ------------------------------------------------------------------------------------------
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def local_ray():
     """A local Ray instance: 2 CPUs, no dashboard, on 127.0.0.1, in a short private temp folder."""
     ray = pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'ray[data]'")
@@ -429,3 +429,14 @@ def test_ray_is_an_extra_never_a_requirement():
     assert "ray" not in names and not any(Requirement(line).name == "ray" for line in lines if line)
     assert [Requirement(r).name for r in project["optional-dependencies"]["cluster"]] == ["ray"]
     assert "data" in Requirement(project["optional-dependencies"]["cluster"][0]).extras
+
+
+@pytest.mark.slow
+def test_a_ray_load_failure_is_one_line(local_ray, run_batch, images, tmp_path):
+    manifest = write_manifest(tmp_path / "m.csv", images, GOOD[:1])
+    code, err = run_batch("--manifest", manifest, "-o", tmp_path / "out", "--ray", "--model", tmp_path / "no-model",
+                          *SETTINGS)
+    assert code == 2, err
+    [line] = [line for line in err.splitlines() if line.startswith("error:")]
+    assert "the Ray run stopped" in line and "no-model" in line and "Traceback" not in err
+
