@@ -83,8 +83,9 @@ def test_an_edit_at_real_widths_runs_with_latent_previews(pack, comfyui, real_di
     assert isinstance(pipe.text_encoder.lm_head, torch.nn.Identity)  # the 152064-wide head is dropped
 
     sampler = pack.NODE_CLASS_MAPPINGS["QwenImageEditSampler"]()
+    # True CFG (the model card's 4.0): the negative prompt's shorter sequence goes through every part too.
     (out,) = sampler.edit(handle, _image(), prompt="Make the sky blue", negative_prompt=" ", seed=0, steps=STEPS,
-                          true_cfg_scale=1.0, size_mode="match", width=1024, height=1024, images_per_prompt=1)
+                          true_cfg_scale=4.0, size_mode="match", width=1024, height=1024, images_per_prompt=1)
     assert out.shape == (1, HEIGHT, WIDTH, 3) and out.dtype == torch.float32
     assert torch.isfinite(out).all() and 0 <= float(out.min()) <= float(out.max()) <= 1
     check_previews(updates, STEPS, WIDTH, HEIGHT)
