@@ -711,16 +711,23 @@ class EditActor:
 
 
 def _cause(exc: BaseException) -> str:
-    """The innermost error Ray wrapped (an actor's LoadError, say), as its last line of text."""
-    seen = set()
-    while id(exc) not in seen:
-        seen.add(id(exc))
-        inner = getattr(exc, "cause", None) or exc.__cause__
-        if not isinstance(inner, BaseException):
-            break
-        exc = inner
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[-1] if lines else type(exc).__name__
+    """The innermost error Ray wrapped (an actor's LoadError, say), as one line: `LoadError: message`.
+
+    Ray puts the actor's traceback text in the message of the error it raises (ActorDiedError,
+    RayTaskError) and may chain message-less wrappers to it, so the deepest non-empty text wins.
+    """
+    import re
+
+    found, seen = type(exc).__name__, set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        lines = [line.strip() for line in str(current).splitlines() if line.strip()]
+        if lines:
+            found = lines[-1]
+        inner = getattr(current, "cause", None)
+        current = inner if isinstance(inner, BaseException) else current.__cause__
+    return re.sub(r"^(?:[A-Za-z_][\w]*\.)+(?=\w+: )", "", found)  # pkg.module.LoadError: -> LoadError:
 
 
 def ray_env(job: Job) -> dict[str, str]:
