@@ -19,6 +19,27 @@ def uncompile(module: Any) -> None:
     module._compiled_call_impl = None
 
 
+def dynamo_supported() -> bool:
+    """Whether torch.compile can run on this Python / platform (`torch._dynamo.is_dynamo_supported`)."""
+    import torch._dynamo
+
+    return bool(torch._dynamo.is_dynamo_supported())
+
+
+def has_triton() -> bool:
+    """Whether inductor can build GPU kernels here (`torch.utils._triton.has_triton`: Triton and a device it runs on)."""
+    from torch.utils._triton import has_triton as _has_triton
+
+    return bool(_has_triton())
+
+
+def compile_error_types() -> tuple[type[BaseException], ...]:
+    """The exception types torch.compile's dynamo raises (`torch._dynamo.exc.TorchDynamoException`)."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    return (TorchDynamoException,)
+
+
 def unpack_latents(pipe: Any, latents: Any, height: int, width: int) -> Any:
     """The pipeline's packed 2x2 latents `[B, N, C*4]` back to `[B, C, 1, H/8, W/8]` (for previews)."""
     return type(pipe)._unpack_latents(latents, height, width, pipe.vae_scale_factor)

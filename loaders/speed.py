@@ -190,16 +190,12 @@ def _uncompile(transformer: Any, state: SpeedState) -> None:
 
 
 def _compile_unsupported_reason(loaded: Any) -> str:
-    import torch
-
     if not hasattr(loaded.pipe.transformer, "compile_repeated_blocks"):
         return "this diffusers has no compile_repeated_blocks (needs diffusers >= 0.35)"
-    if not torch._dynamo.is_dynamo_supported():
+    if not compat.dynamo_supported():
         return "torch.compile is not supported on this Python/platform"
     if _on_cuda(loaded):
-        from torch.utils._triton import has_triton
-
-        if not has_triton():
+        if not compat.has_triton():
             return "torch.compile on an NVIDIA GPU needs Triton (pip install triton, or triton-windows on Windows)"
     return ""
 
@@ -298,8 +294,10 @@ def effective(loaded: Any) -> SpeedOptions:
 def _reset_cache_state(loaded: Any) -> None:
     """The cache hooks keep per-run state; the pipeline resets it only after a run that finished."""
     transformer = loaded.pipe.transformer
-    if getattr(transformer, "is_cache_enabled", False) and hasattr(transformer, "_reset_stateful_cache"):
-        transformer._reset_stateful_cache()
+    if getattr(transformer, "is_cache_enabled", False):
+        from diffusers.hooks import HookRegistry
+
+        HookRegistry.check_if_exists_or_initialize(transformer).reset_stateful_hooks()
 
 
 def _raised_in(exc: BaseException, fragment: str) -> bool:
@@ -312,11 +310,7 @@ def _raised_in(exc: BaseException, fragment: str) -> bool:
 
 
 def _is_compile_failure(exc: BaseException) -> bool:
-    try:
-        from torch._dynamo.exc import TorchDynamoException
-    except ImportError:  # pragma: no cover - torch without dynamo
-        return False
-    return isinstance(exc, TorchDynamoException) or _raised_in(exc, "torch/_inductor/")
+    return isinstance(exc, compat.compile_error_types()) or _raised_in(exc, "torch/_inductor/")
 
 
 def run_with_fallback(loaded: Any, run: Callable[[], T]) -> T:

@@ -33,6 +33,22 @@ def test_uncompile_puts_the_plain_forward_back(compat):
     assert layer._compiled_call_impl is None and torch.equal(layer(x), layer.forward(x))
 
 
+def test_dynamo_support_and_triton_are_torch_own_answers(compat):
+    import torch._dynamo
+    from torch.utils._triton import has_triton
+
+    assert compat.dynamo_supported() is bool(torch._dynamo.is_dynamo_supported())
+    assert compat.has_triton() is bool(has_triton())
+
+
+def test_compile_error_types_catch_a_dynamo_failure(compat):
+    def breaks_the_graph(x):
+        return x + int(x.sum().item() > 0)  # a data-dependent Python value: no full graph possible
+
+    with pytest.raises(compat.compile_error_types()):
+        torch.compile(breaks_the_graph, backend="eager", fullgraph=True)(torch.ones(2))
+
+
 def test_unpack_latents_inverts_the_pipelines_packing(compat):
     from diffusers import QwenImageEditPlusPipeline
 
