@@ -182,6 +182,7 @@ def test_only_the_grown_mask_changes(sampler, handle, M, shape, size):
     assert (out[0][inside] - img[0][inside]).abs().mean() > 0.02  # the model did edit there
 
 
+@pytest.mark.slow
 def test_large_photo_with_a_small_mask(sampler, handle, M, caplog):
     """Crop and stitch: a photo far past the 4.2 MP limit edits through a window around its mask."""
     w, h = 2600, 1800
@@ -195,6 +196,7 @@ def test_large_photo_with_a_small_mask(sampler, handle, M, caplog):
     assert not torch.equal(out[0][region], img[0][region])
 
 
+@pytest.mark.slow
 def test_feather_only_changes_the_seam(sampler, handle, M):
     """The same raw edit blended through a hard and a feathered mask: out = in + (edit - in) * blend."""
     img = image(64, 64)
@@ -217,6 +219,7 @@ def test_empty_mask_returns_the_input_without_loading(sampler, pack, tiny_2511_d
     assert torch.equal(out, img.repeat_interleave(2, dim=0))
 
 
+@pytest.mark.slow
 def test_full_mask_equals_an_unmasked_edit_of_the_same_crop(sampler, handle, pack):
     E = importlib.import_module(f"{pack.__name__}.loaders.edit")
     S = importlib.import_module(f"{pack.__name__}.utils.sampling")
@@ -230,6 +233,7 @@ def test_full_mask_equals_an_unmasked_edit_of_the_same_crop(sampler, handle, pac
     assert torch.equal(full, expected)
 
 
+@pytest.mark.slow
 def test_batched_masks_follow_the_image2_rule(sampler, handle, M):
     img = image(64, 48, batch=2)
     masks = torch.stack([torch.zeros(48, 64), rect(64, 48, (10, 10, 40, 30))])
@@ -243,6 +247,7 @@ def test_batched_masks_follow_the_image2_rule(sampler, handle, M):
         masked(sampler, handle, img, torch.ones(3, 48, 64))
 
 
+@pytest.mark.slow
 def test_reference_images_and_true_cfg_with_a_mask(sampler, handle, M):
     img, ref = image(64, 48), image(40, 40, seed=9)
     mask = rect(64, 48, (8, 8, 30, 30))
@@ -291,6 +296,7 @@ def test_denoising_pins_the_latents_outside_the_mask(sampler, handle, L, monkeyp
     assert torch.equal(seen[-1][0][:, pinned], reference[:, pinned])
 
 
+@pytest.mark.slow
 def test_cancelled_masked_edit_leaves_the_pipeline_reusable(sampler, handle, pack):
     C = importlib.import_module(f"{pack.__name__}.utils.comfy")
     img, mask = image(64, 48), rect(64, 48, (10, 10, 40, 30))
