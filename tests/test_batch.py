@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import collections
+import contextlib
 import importlib
 import json
 import logging
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +102,20 @@ def records(results: Path) -> list[dict]:
 
 def pixels(path: Path) -> np.ndarray:
     return np.array(Image.open(path))
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the in-process reference with a worker's thread count: torch's CPU kernels sum in another order
+    with another number of threads (+-1 in a pixel now and then), so equal pixels need equal threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def partials(folder: Path) -> list[Path]:
@@ -350,7 +366,8 @@ def test_ctrl_c_then_resume_gives_every_output_once(run_batch, tiny_2511_dir, im
 @pytest.mark.slow
 def test_two_local_workers_give_the_same_pixels(run_batch, tiny_2511_dir, images, tmp_path):
     manifest = write_manifest(tmp_path / "m.csv", images, [*GOOD[:4], BAD["small.png"][0]])
-    code, err = run_batch("--manifest", manifest, "-o", tmp_path / "one", "--model", tiny_2511_dir, *SETTINGS)
+    with torch_threads(max(1, (os.cpu_count() or 1) // 2)):  # what each of 2 workers uses
+        code, err = run_batch("--manifest", manifest, "-o", tmp_path / "one", "--model", tiny_2511_dir, *SETTINGS)
     assert code == 1, err
     code, err = run_batch("--manifest", manifest, "-o", tmp_path / "two", "--workers", "2", "--model",
                           tiny_2511_dir, *SETTINGS)
@@ -386,7 +403,8 @@ RAY_ROWS = [*GOOD[:4], BAD["small.png"][0], BAD["missing.png"][0]]
 @pytest.mark.slow
 def test_ray_gives_the_same_pixels_as_the_local_run(local_ray, run_batch, tiny_2511_dir, images, tmp_path):
     manifest = write_manifest(tmp_path / "m.csv", images, RAY_ROWS)
-    code, err = run_batch("--manifest", manifest, "-o", tmp_path / "local", "--model", tiny_2511_dir, *SETTINGS)
+    with torch_threads(1):  # a Ray actor with num_cpus=1 runs torch on one thread (OMP_NUM_THREADS=1)
+        code, err = run_batch("--manifest", manifest, "-o", tmp_path / "local", "--model", tiny_2511_dir, *SETTINGS)
     assert code == 1, err
     code, err = run_batch("--manifest", manifest, "-o", tmp_path / "ray", "--ray", "--workers", "2",
                           "--model", tiny_2511_dir, *SETTINGS)
