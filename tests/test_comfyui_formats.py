@@ -11,7 +11,8 @@ shapes cannot fit those modules, so this builds the three components from the re
 widths of the pack's shipped configs (loaders/configs/Qwen-Image-Edit-2511) with the least depth,
 random weights: a 1-block transformer (~380M parameters), the full VAE (127M) and a 1-layer text model
 with the full vision tower (~1.45B, the 152064 x 3584 embedding shared with lm_head, which ComfyUI's
-files drop anyway). They are exported with the kit's exporters (tinykit/tiny_pipeline.py), then ComfyUI
+files drop anyway), built by tinykit/real_shapes.py (as tests/test_real_shapes.py's pipeline). They are
+exported with the kit's exporters (tinykit/tiny_pipeline.py), then ComfyUI
 loads each file the way its loader nodes do:
 
 * transformer (bf16, fp8, scaled_fp8, comfy_quant; bf16 without the 2511 marker and with a
@@ -44,7 +45,6 @@ minutes and ~10 GB of temporary files, removed at the end.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import inspect
 import json
@@ -69,7 +69,6 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parent.parent
-CONFIGS = REPO / "loaders" / "configs" / "Qwen-Image-Edit-2511"
 MARKER = "__index_timestep_zero__"
 PREFIX = "model.diffusion_model."
 #: Keys that describe a format rather than hold a weight (ComfyUI folds them into the weight it loads).
@@ -261,51 +260,24 @@ json.dump(answers, open(job["answers"], "w"), indent=1)
 # --------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _default_dtype(dtype: Any) -> Iterator[None]:
-    import torch
-
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # built in bfloat16 directly (the real checkpoints' dtype): half the memory
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
-
-
-def _config(component: str, **changes: Any) -> dict[str, Any]:
-    return {**json.loads((CONFIGS / component / "config.json").read_text()), **changes}
-
-
 def _build_transformer() -> Any:
-    import torch
-    from diffusers import QwenImageTransformer2DModel
+    from tinykit.real_shapes import build_real_transformer
 
-    torch.manual_seed(0)
-    with _default_dtype(torch.bfloat16):
-        return QwenImageTransformer2DModel.from_config(_config("transformer", num_layers=1)).eval()
+    return build_real_transformer(num_layers=1)
 
 
 def _build_vae() -> Any:
-    import torch
-    from diffusers import AutoencoderKLQwenImage
+    from tinykit.real_shapes import build_real_vae
 
-    torch.manual_seed(1)
-    with _default_dtype(torch.bfloat16):
-        return AutoencoderKLQwenImage.from_config(_config("vae")).eval()
+    return build_real_vae()
 
 
 def _build_text_encoder() -> Any:
-    import torch
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from tinykit.real_shapes import build_real_text_encoder
 
     # 1 text layer; the vision tower keeps its 32 blocks (ComfyUI's is fixed and its quantized ops
     # refuse a missing layer); lm_head shares the embedding (ComfyUI's files have no lm_head).
-    config = Qwen2_5_VLConfig(**_config("text_encoder", num_hidden_layers=1, max_window_layers=1,
-                                        tie_word_embeddings=True))
-    torch.manual_seed(2)
-    with _default_dtype(torch.bfloat16):
-        return Qwen2_5_VLForConditionalGeneration(config).eval()
+    return build_real_text_encoder(num_layers=1, vision_depth=32, tie_word_embeddings=True)
 
 
 def _with_empty_marker(source: Path, target: Path) -> Path:
