@@ -748,9 +748,6 @@ def run_ray(cli: types.ModuleType, job: Job, tasks: list[dict[str, Any]], addres
         import ray.data
     except ImportError:
         raise BatchError(f"--ray needs Ray Data, which is not installed: {RAY_INSTALL}") from None
-    if "://" in str(job.output_dir) and not Path(job.output_dir).exists():
-        raise BatchError("--output must be a folder path every node sees (a shared or mounted file system); "
-                         "object-store URIs are not written directly: mount the bucket (e.g. s3fs, gcsfuse)")
     env = ray_env(job)
     started = False
     if not ray.is_initialized():
@@ -838,6 +835,10 @@ def _run(cli: types.ModuleType, pack: types.ModuleType, args: argparse.Namespace
     sampler_node = pack.NODE_CLASS_MAPPINGS[cli.SAMPLER_NODE]
     loader, loader_node = cli.loader_settings(pack, args)
     defaults = {name: getattr(args, name) for name in cli.node_defaults(sampler_node)}
+    for option, value in (("--output", args.output), ("--manifest", args.manifest), ("--input-dir", args.input_dir)):
+        if value is not None and "://" in str(value):
+            raise BatchError(f"{option} {value}: object-store URIs are not read or written directly; mount the "
+                             "bucket (e.g. s3fs, gcsfuse) and give its path, the same on every node")
     output_dir = args.output.expanduser().resolve()
     use_ray = bool(args.ray or args.ray_address)
     if args.gpus is not None and args.workers is not None:

@@ -220,6 +220,9 @@ def test_command_problems_are_one_line(run_batch, tiny_2511_dir, images, tmp_pat
                           "--gpus", "1")
     assert code == 2 and "not both" in err
 
+    code, err = run_batch("--input-dir", images, "--prompt", "x", "-o", "s3://bucket/out")
+    assert code == 2 and "mount the bucket" in err
+
     # Without Ray installed: one actionable line, nothing loaded, no traceback.
     monkeypatch.setitem(sys.modules, "ray", None)
     manifest = write_manifest(tmp_path / "m.csv", images, GOOD[:1])
