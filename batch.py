@@ -26,6 +26,7 @@ import importlib
 import json
 import os
 import queue
+import re
 import signal
 import sys
 import time
@@ -716,8 +717,6 @@ def _cause(exc: BaseException) -> str:
     Ray puts the actor's traceback text in the message of the error it raises (ActorDiedError,
     RayTaskError) and may chain message-less wrappers to it, so the deepest non-empty text wins.
     """
-    import re
-
     found, seen = type(exc).__name__, set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
@@ -836,7 +835,7 @@ def _run(cli: types.ModuleType, pack: types.ModuleType, args: argparse.Namespace
     loader, loader_node = cli.loader_settings(pack, args)
     defaults = {name: getattr(args, name) for name in cli.node_defaults(sampler_node)}
     for option, value in (("--output", args.output), ("--manifest", args.manifest), ("--input-dir", args.input_dir)):
-        if value is not None and "://" in str(value):
+        if value is not None and re.match(r"[A-Za-z][\w+.-]+:/", str(value)):  # s3://b (Path keeps s3:/b)
             raise BatchError(f"{option} {value}: object-store URIs are not read or written directly; mount the "
                              "bucket (e.g. s3fs, gcsfuse) and give its path, the same on every node")
     output_dir = args.output.expanduser().resolve()
