@@ -14,6 +14,7 @@ import importlib
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -398,6 +399,7 @@ def local_ray():
         yield ray
     finally:
         ray.shutdown()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 RAY_ROWS = [*GOOD[:4], BAD["small.png"][0], BAD["missing.png"][0]]
