@@ -77,6 +77,20 @@ def _gpus(text: str) -> int | str:
     return "all" if text == "all" else _positive_int(text)
 
 
+#: `scheme://...` (s3://, gs://, file://, ...): an object-store or file-system URI, not a local path. A
+#: Windows drive (C:/) has a one-letter scheme and does not match.
+URI_PATTERN = re.compile(r"[A-Za-z][\w+.-]+:/")
+
+
+def is_uri(text: str) -> bool:
+    return bool(URI_PATTERN.match(text))
+
+
+def _location(text: str) -> Path | str:
+    """--output: a local folder (Path) or a URI, kept as given (Path would fold s3://b to s3:/b)."""
+    return text if is_uri(text) else Path(text)
+
+
 def _cli() -> types.ModuleType:
     """cli.py, imported by name (also in worker processes and Ray actors, where REPO is on the path)."""
     import cli
@@ -96,11 +110,13 @@ def add_arguments(parser: argparse.ArgumentParser, pack: types.ModuleType) -> No
     which.add_argument("--input-dir", type=Path, metavar="DIR",
                        help="edit every image in DIR (not sub-folders) with --prompt; outputs keep the file names")
     out = parser.add_argument_group("output")
-    out.add_argument("--output", "-o", required=True, type=Path, metavar="DIR",
-                     help="folder for the PNGs (one per row; several per row are numbered). With --ray, a path every "
-                          "node sees (a shared or mounted file system)")
+    out.add_argument("--output", "-o", required=True, type=_location, metavar="DIR|URI",
+                     help="folder for the PNGs (one per row; several per row are numbered), or a URI pyarrow.fs "
+                          "reads (s3://bucket/out, gs://bucket/out; needs pyarrow, which ray[data] brings). With "
+                          "--ray, a path every node sees (a shared or mounted file system) or such a URI")
     out.add_argument("--results", type=Path, metavar="PATH",
-                     help=f"the results file, one JSON line per row and run (default: OUTPUT/{RESULTS_NAME})")
+                     help=f"the results file, one JSON line per row and run (default: OUTPUT/{RESULTS_NAME}; "
+                          "a local file, required when --output is a URI)")
     out.add_argument("--overwrite", action="store_true",
                      help="run every row again, even those already done with the same settings")
     run = parser.add_argument_group("workers")
@@ -248,9 +264,16 @@ def _output_name(value: str | None, number: int, image: str | None) -> str:
 
 
 def plan_rows(cli: types.ModuleType, pack: types.ModuleType, rows: list[dict[str, Any]], base: Path, job: Job,
-              defaults: dict[str, Any], overwrite: bool) -> Plan:
-    """Check every row, give it its sampler settings, output name and hash, and set done rows aside."""
+              defaults: dict[str, Any], overwrite: bool,
+              hash_of: Callable[[str], str | None] | None = None) -> Plan:
+    """Check every row, give it its sampler settings, output name and hash, and set done rows aside.
+
+    `hash_of(name)` gives the row hash stored in the output `name` (default: read from the local folder).
+    """
     output_dir = Path(job.output_dir)
+    if hash_of is None:
+        def hash_of(name: str) -> str | None:
+            return stored_hash(output_dir / name)
     plan = Plan(total=len(rows))
     claimed: dict[str, int] = {}
     for number, raw in enumerate(rows, start=1):
@@ -291,14 +314,13 @@ def plan_rows(cli: types.ModuleType, pack: types.ModuleType, rows: list[dict[str
             settings = {"loader_node": job.loader_node, "loader": job.loader, "sampler": sampler, "images": images,
                         "mask": mask, "output": output}
             digest = row_hash(settings)
-            outputs = [p.relative_to(output_dir).as_posix()
-                       for p in cli.output_paths(output_dir / output, int(sampler["images_per_prompt"]))]
+            outputs = [p.as_posix() for p in cli.output_paths(Path(output), int(sampler["images_per_prompt"]))]
             record.update(hash=digest, outputs=outputs)
         except BatchError as exc:
             record["error"] = str(exc)
             plan.records.append(record)
             continue
-        if not overwrite and all(stored_hash(output_dir / o) == digest for o in outputs):
+        if not overwrite and all(hash_of(o) == digest for o in outputs):
             plan.records.append({**record, "status": "skipped"})
             continue
         names = {"image": Path(images[0]).name}
@@ -312,9 +334,12 @@ def plan_rows(cli: types.ModuleType, pack: types.ModuleType, rows: list[dict[str
     return plan
 
 
-def stored_hash(path: Path) -> str | None:
-    """The row hash in an output PNG's text, or None (no file, not ours, unreadable). Reads no pixels."""
-    if not path.is_file():
+def stored_hash(path: Path | Any) -> str | None:
+    """The row hash in an output PNG's text, or None (no file, not ours, unreadable). Reads no pixels.
+
+    `path` is a local path, or an open binary file (the start of a remote PNG, in a BytesIO).
+    """
+    if isinstance(path, Path) and not path.is_file():
         return None
     from PIL import Image
 
@@ -366,6 +391,113 @@ def write_png(array: Any, path: Path, text: dict[str, str], crash_marker: str | 
         with contextlib.suppress(OSError):
             temporary.unlink()
         raise
+
+
+def _png_bytes(array: Any, text: dict[str, str]) -> bytes:
+    import io
+
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", pnginfo=info, compress_level=4)
+    return buffer.getvalue()
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+class RemoteOutput:
+    """An output folder given as a URI (s3://, gs://, file://, ...), read and written through `pyarrow.fs`.
+
+    The same steps as a local folder, with these differences (object stores have no rename and no append):
+
+    * write: the PNG goes to a temporary key beside its output (PARTIAL_SUFFIX), then `fs.move` puts it in
+      place. On S3 and GCS a move is a server-side copy + delete: the final key still only ever holds a
+      whole PNG (a copy lands at once), and a worker killed in between leaves only a temporary key, swept
+      at start and end as locally. One code path for every file system, so file:// tests cover it; the
+      cost is one copy and one delete request per output.
+    * resume: the row hash is read from the first 256 KiB of each output (PNG text comes before the
+      pixels), not the whole file.
+    * no lock: an object store has no reliable lock file, so two batches on one URI are not refused.
+    * the results JSONL stays a local file (`--results`): an object cannot be appended to.
+    """
+
+    HEAD_BYTES = 1 << 18
+
+    def __init__(self, uri: str) -> None:
+        try:
+            import pyarrow.fs
+        except ImportError:
+            raise BatchError(f"--output {uri}: a URI output is written through pyarrow.fs, which is not installed: "
+                             f"{RAY_INSTALL} (or pip install pyarrow)") from None
+        self.uri = uri
+        self.pafs = pyarrow.fs
+        try:
+            self.fs, path = pyarrow.fs.FileSystem.from_uri(uri)
+        except Exception as exc:  # noqa: BLE001 - unknown scheme, no credentials, no network: one line
+            raise BatchError(f"--output {uri}: {_one_line(exc)}") from None
+        self.base = path.rstrip("/")
+        self.local = self.fs.type_name == "local"
+
+    def key(self, name: str) -> str:
+        return f"{self.base}/{name}"
+
+    def check(self) -> None:
+        """Create the folder (a no-op on object stores) and list it once: fails early, in one line."""
+        try:
+            self.fs.create_dir(self.base, recursive=True)
+            self.fs.get_file_info(self.pafs.FileSelector(self.base, recursive=False, allow_not_found=True))
+        except Exception as exc:  # noqa: BLE001
+            raise BatchError(f"--output {self.uri}: cannot write there: {_one_line(exc)}") from None
+
+    def stored_hash(self, name: str) -> str | None:
+        import io
+
+        try:
+            with self.fs.open_input_file(self.key(name)) as handle:
+                head = handle.read(self.HEAD_BYTES)
+                digest = stored_hash(io.BytesIO(head))
+                if digest is None and len(head) == self.HEAD_BYTES:  # text after the pixels: read it all
+                    digest = stored_hash(io.BytesIO(head + handle.read()))
+            return digest
+        except (OSError, ValueError):  # not there (FileNotFoundError), unreadable: not done
+            return None
+
+    def write_png(self, array: Any, name: str, text: dict[str, str], crash_marker: str | None = None) -> None:
+        data = _png_bytes(array, text)
+        final = self.key(name)
+        folder, _, leaf = final.rpartition("/")
+        temporary = f"{folder}/.{leaf}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}"
+        if self.local:  # a local file system needs the folder; object stores have none (no marker objects)
+            self.fs.create_dir(folder, recursive=True)
+        try:
+            with self.fs.open_output_stream(temporary) as stream:
+                stream.write(data)
+            _crash_point(crash_marker)
+            self.fs.move(temporary, final)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                self.fs.delete_file(temporary)
+            raise
+
+    def sweep_partials(self) -> int:
+        count = 0
+        try:
+            infos = self.fs.get_file_info(self.pafs.FileSelector(self.base, recursive=True, allow_not_found=True))
+        except OSError:
+            return 0
+        for info in infos:
+            if info.type == self.pafs.FileType.File and info.base_name.endswith(PARTIAL_SUFFIX):
+                with contextlib.suppress(OSError):
+                    self.fs.delete_file(info.path)
+                    count += 1
+        return count
 
 
 def sweep_partials(folder: Path) -> int:
@@ -423,34 +555,6 @@ def output_lock(folder: Path) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------------
 
 
-def load_mask(path: Path) -> Any:
-    """A mask file as a ComfyUI MASK `[1, H, W]` float32, 1 = edit.
-
-    A grayscale (or RGB) image: white = edit. An image with an alpha channel: 1 - alpha, as ComfyUI's
-    Load Image makes its MASK output (transparent = edit).
-    """
-    import numpy as np
-    import torch
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    if not path.is_file():
-        raise BatchError(f"mask not found: {path}")
-    try:
-        with Image.open(path) as opened:
-            image = ImageOps.exif_transpose(opened)
-            if "A" in image.getbands():
-                alpha = np.array(image.getchannel("A")).astype(np.float32) / 255.0
-                mask = 1.0 - alpha
-            elif image.mode == "P" and "transparency" in image.info:
-                alpha = np.array(image.convert("RGBA").getchannel("A")).astype(np.float32) / 255.0
-                mask = 1.0 - alpha
-            else:
-                mask = np.array(image.convert("L")).astype(np.float32) / 255.0
-    except (UnidentifiedImageError, OSError) as exc:
-        raise BatchError(f"cannot read the mask {path} as an image: {exc}") from None
-    return torch.from_numpy(mask)[None]
-
-
 class Worker:
     """Holds the pack's one cached pipeline (loaded in __init__) and runs rows through the sampler node."""
 
@@ -466,6 +570,7 @@ class Worker:
                 importlib.import_module(f"{library}.utils.logging").disable_progress_bar()
         sampler = self.pack.NODE_CLASS_MAPPINGS[cli.SAMPLER_NODE]
         self.accepts_mask = "mask" in sampler.INPUT_TYPES().get("optional", {})
+        self.remote = RemoteOutput(job.output_dir) if is_uri(job.output_dir) else None
         self.handle, _ = cli._load(self.pack, dict(job.loader), job.loader_node)
 
     def run(self, task: dict[str, Any]) -> dict[str, Any]:
@@ -482,12 +587,15 @@ class Worker:
             if task.get("mask"):
                 if not self.accepts_mask:
                     raise BatchError("this row has a mask, but this version of the sampler node has no mask input")
-                kwargs["mask"] = load_mask(Path(task["mask"]))
+                kwargs["mask"] = cli.load_mask(Path(task["mask"]))
             result = cli.run_sampler(self.pack, kwargs)
             output_dir = Path(self.job.output_dir)
             for image, name in zip(result, task["outputs"]):
                 array = np.clip(255.0 * image.cpu().numpy(), 0, 255).astype(np.uint8)  # ComfyUI's SaveImage
-                write_png(array, output_dir / name, task["text"], self.job.crash_marker)
+                if self.remote is not None:
+                    self.remote.write_png(array, name, task["text"], self.job.crash_marker)
+                else:
+                    write_png(array, output_dir / name, task["text"], self.job.crash_marker)
         except self.bridge.Cancelled:
             raise
         except (BatchError, cli.CliError, self.errors.QwenEditError) as exc:
@@ -834,17 +942,26 @@ def _run(cli: types.ModuleType, pack: types.ModuleType, args: argparse.Namespace
     sampler_node = pack.NODE_CLASS_MAPPINGS[cli.SAMPLER_NODE]
     loader, loader_node = cli.loader_settings(pack, args)
     defaults = {name: getattr(args, name) for name in cli.node_defaults(sampler_node)}
-    for option, value in (("--output", args.output), ("--manifest", args.manifest), ("--input-dir", args.input_dir)):
-        if value is not None and re.match(r"[A-Za-z][\w+.-]+:/", str(value)):  # s3://b (Path keeps s3:/b)
-            raise BatchError(f"{option} {value}: object-store URIs are not read or written directly; mount the "
-                             "bucket (e.g. s3fs, gcsfuse) and give its path, the same on every node")
-    output_dir = args.output.expanduser().resolve()
+    for option, value in (("--manifest", args.manifest), ("--input-dir", args.input_dir)):
+        if value is not None and is_uri(str(value)):  # s3://b (Path keeps s3:/b)
+            raise BatchError(f"{option} {value}: inputs are not read from URIs; mount the bucket (e.g. s3fs, "
+                             "gcsfuse) and give its path, the same on every node (--output may be a URI)")
+    remote: RemoteOutput | None = None
+    if isinstance(args.output, str):  # a URI (see _location)
+        if args.results is None:
+            raise BatchError(f"--output {args.output} is a URI: give --results PATH, a local file for the results "
+                             "(an object store cannot append to one)")
+        remote = RemoteOutput(args.output)
+        remote.check()
+        output_dir = Path("/nonexistent-remote-output")  # never used with a remote output
+    else:
+        output_dir = args.output.expanduser().resolve()
     use_ray = bool(args.ray or args.ray_address)
     if args.gpus is not None and args.workers is not None:
         raise BatchError("give --gpus (one worker per GPU) or --workers (CPU workers), not both")
     if args.gpus is not None and loader.get("device") not in ("auto", "cuda"):
         raise BatchError(f"--gpus gives each worker one GPU as its device; leave --device on auto, not {args.device}")
-    job = Job(loader_node, loader, str(output_dir), os.environ.get(CRASH_ONCE_ENV) or None)
+    job = Job(loader_node, loader, remote.uri if remote else str(output_dir), os.environ.get(CRASH_ONCE_ENV) or None)
     if args.manifest is not None:
         manifest = args.manifest.expanduser().resolve()
         rows, base = read_manifest(manifest), manifest.parent
@@ -854,9 +971,20 @@ def _run(cli: types.ModuleType, pack: types.ModuleType, args: argparse.Namespace
         rows, base = folder_rows(args.input_dir.expanduser().resolve()), Path.cwd()
 
     results_path = (args.results.expanduser().resolve() if args.results else output_dir / RESULTS_NAME)
-    with output_lock(output_dir):
-        sweep_partials(output_dir)
-        plan = plan_rows(cli, pack, rows, base, job, defaults, args.overwrite)
+    if remote is not None:
+        print(f"note: {remote.uri} is not locked (an object store has no reliable lock): run one batch at a time "
+              "on it", file=sys.stderr)
+
+    def sweep() -> None:
+        if remote is not None:
+            remote.sweep_partials()
+        else:
+            sweep_partials(output_dir)
+
+    with output_lock(output_dir) if remote is None else contextlib.nullcontext():
+        sweep()
+        plan = plan_rows(cli, pack, rows, base, job, defaults, args.overwrite,
+                         remote.stored_hash if remote is not None else None)
         results = Results(results_path)
         counts = {"done": 0, "failed": 0, "skipped": 0}
         try:
@@ -898,7 +1026,7 @@ def _run(cli: types.ModuleType, pack: types.ModuleType, args: argparse.Namespace
                           file=sys.stderr)
         finally:
             results.close()
-            sweep_partials(output_dir)
+            sweep()
     print(f"done {counts['done']}, failed {counts['failed']}, already done {counts['skipped']}; results: {results_path}",
           file=sys.stderr)
     if not finished:

@@ -223,6 +223,11 @@ def build_parser(pack: types.ModuleType) -> argparse.ArgumentParser:
             required = name in sampler_node.INPUT_TYPES().get("required", {})
             images.add_argument(_flag(name), dest=name, required=required, type=Path, metavar="PATH",
                                 help=(options.get("tooltip") or "") + " (any image file Pillow reads)")
+    if "mask" in node_inputs(sampler_node):
+        images.add_argument("--mask", type=Path, metavar="PATH",
+                            help="edit only where this mask is white (a grayscale image the size or shape of "
+                                 "--image; an image with alpha: transparent = edit, as ComfyUI's Load Image). "
+                                 "Every pixel outside it stays the input's; see --grow, --feather, --context")
     images.add_argument("--output", "-o", required=True, type=Path, metavar="PATH",
                         help="where to write the result (PNG; several results are numbered: out_1.png, out_2.png, ...)")
     add_model_options(edit, pack)
@@ -305,6 +310,32 @@ def load_image(path: Path) -> Any:
     except (UnidentifiedImageError, OSError) as exc:
         raise CliError(f"cannot read {path} as an image: {exc}") from None
     return torch.from_numpy(np.array(rgb).astype(np.float32) / 255.0)[None]
+
+
+def load_mask(path: Path) -> Any:
+    """A mask file as a ComfyUI MASK `[1, H, W]` float32, 1 = edit (`edit --mask` and batch's `mask` column).
+
+    A grayscale (or RGB) image: white = edit (RGB is converted to grayscale). An image with an alpha
+    channel: 1 - alpha, as ComfyUI's Load Image makes its MASK output (transparent = edit).
+    """
+    import numpy as np
+    import torch
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    if not path.is_file():
+        raise CliError(f"mask not found: {path}")
+    try:
+        with Image.open(path) as opened:
+            image = ImageOps.exif_transpose(opened)
+            if "A" in image.getbands():
+                mask = 1.0 - np.array(image.getchannel("A")).astype(np.float32) / 255.0
+            elif image.mode == "P" and "transparency" in image.info:
+                mask = 1.0 - np.array(image.convert("RGBA").getchannel("A")).astype(np.float32) / 255.0
+            else:
+                mask = np.array(image.convert("L")).astype(np.float32) / 255.0
+    except (UnidentifiedImageError, OSError) as exc:
+        raise CliError(f"cannot read the mask {path} as an image: {exc}") from None
+    return torch.from_numpy(mask)[None]
 
 
 def output_paths(output: Path, count: int) -> list[Path]:
@@ -495,11 +526,18 @@ def cmd_edit(pack: types.ModuleType, args: argparse.Namespace) -> int:
     image_args = {name: getattr(args, name) for name, (kind, _) in node_inputs(sampler_node).items()
                   if kind == "IMAGE" and getattr(args, name) is not None}
     images = {name: load_image(path) for name, path in image_args.items()}
+    mask_path = getattr(args, "mask", None)
+    if mask_path is not None:
+        images["mask"] = load_mask(mask_path)
 
     # Refuse a bad request before loading ~58 GB (the node checks first too).
     fields = sampling.EditRequest.__dataclass_fields__
     probe = sampling.EditRequest(**{k: v for k, v in sampler_kwargs.items() if k in fields})
-    sampling.validate(probe, [images.get("image"), images.get("image2"), images.get("image3")])
+    present = [images.get("image"), images.get("image2"), images.get("image3")]
+    sampling.validate(probe, present, masked=mask_path is not None)
+    if mask_path is not None:
+        first = images["image"]
+        submodule(pack, "utils.mask").check_masks(images["mask"], first.shape[0], first.shape[-2], first.shape[-3])
 
     handle, _ = _load(pack, loader_kwargs, node_name)  # the loader logs where it loads and why
 

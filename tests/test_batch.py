@@ -174,23 +174,6 @@ def test_outputs_are_written_atomically_with_their_text(tmp_path):
     assert batch.stored_hash(tmp_path / "none.png") is None
 
 
-def test_masks_load_as_comfyui_masks(tmp_path):
-    gray = np.zeros((4, 6), np.uint8)
-    gray[:, :3] = 255
-    Image.fromarray(gray).save(tmp_path / "gray.png")
-    mask = batch.load_mask(tmp_path / "gray.png")
-    assert tuple(mask.shape) == (1, 4, 6) and str(mask.dtype) == "torch.float32"
-    assert mask[0, 0, 0] == 1 and mask[0, 0, 5] == 0
-
-    rgba = np.zeros((4, 6, 4), np.uint8)
-    rgba[:, :, 3] = 255
-    rgba[:, :3, 3] = 0  # transparent = edit, as ComfyUI's Load Image makes its MASK
-    Image.fromarray(rgba).save(tmp_path / "alpha.png")
-    assert np.array_equal(batch.load_mask(tmp_path / "alpha.png").numpy(), mask.numpy())
-    with pytest.raises(batch.BatchError, match="mask not found"):
-        batch.load_mask(tmp_path / "none.png")
-
-
 def test_the_pack_never_imports_batch_or_ray():
     """ComfyUI imports the pack; Ray and this application must never come with it."""
     offenders = []
@@ -222,6 +205,11 @@ def test_command_problems_are_one_line(run_batch, tiny_2511_dir, images, tmp_pat
     assert code == 2 and "not both" in err
 
     code, err = run_batch("--input-dir", images, "--prompt", "x", "-o", "s3://bucket/out")
+    assert code == 2 and "give --results PATH" in err and "Traceback" not in err
+    code, err = run_batch("--input-dir", images, "--prompt", "x", "-o", "nope://bucket/out", "--results",
+                          tmp_path / "r.jsonl")
+    assert code == 2 and err.strip().startswith("error: --output nope://bucket/out: ") and len(err.splitlines()) == 1
+    code, err = run_batch("--manifest", "s3://bucket/m.csv", "-o", tmp_path / "out")
     assert code == 2 and "mount the bucket" in err
 
     # Without Ray installed: one actionable line, nothing loaded, no traceback.
@@ -231,7 +219,71 @@ def test_command_problems_are_one_line(run_batch, tiny_2511_dir, images, tmp_pat
     assert code == 2 and 'pip install "ray[data]"' in err and "Traceback" not in err
 
 
+def test_a_uri_output_writes_checks_and_sweeps_through_pyarrow_fs(tmp_path):
+    """file:// goes through pyarrow's FileSystem.from_uri like s3:// and gs://; only the class differs."""
+    pytest.importorskip("pyarrow.fs", reason="a URI output needs pyarrow (it comes with ray[data])")
+    store = batch.RemoteOutput(f"file://{tmp_path}/out")
+    store.check()
+    assert (tmp_path / "out").is_dir()
+    array = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    store.write_png(array, "sub/a.png", {"parameters": json.dumps({"row_hash": "abc"}), "prompt": "x" * 300_000})
+    assert np.array_equal(pixels(tmp_path / "out" / "sub" / "a.png"), array)
+    assert os.listdir(tmp_path / "out" / "sub") == ["a.png"]
+    assert store.stored_hash("sub/a.png") == "abc", "a text past the first 256 KiB is read too"
+    store.write_png(array, "b.png", {"parameters": json.dumps({"row_hash": "def"})})
+    assert store.stored_hash("b.png") == "def" and store.stored_hash("none.png") is None
+    Image.new("RGB", (2, 2)).save(tmp_path / "out" / "foreign.png")
+    assert store.stored_hash("foreign.png") is None
+
+    with pytest.raises(Exception):  # cannot be encoded: no output, no temporary key
+        store.write_png(np.zeros((2, 2, 7), np.uint8), "bad.png", {})
+    assert partials(tmp_path / "out") == [] and not (tmp_path / "out" / "bad.png").exists()
+    (tmp_path / "out" / "sub" / f".x.png.1234{batch.PARTIAL_SUFFIX}").write_bytes(b"half")
+    assert store.sweep_partials() == 1 and partials(tmp_path / "out") == []
+
+
+@pytest.mark.slow
+def test_s3_without_credentials_or_network_is_one_line(images, tmp_path):
+    """A real `python cli.py batch -o s3://...`: the endpoint is a closed port on 127.0.0.1 and every AWS
+    credential source that could reach the network (instance metadata) is off, so nothing leaves the machine."""
+    pytest.importorskip("pyarrow.fs", reason="a URI output needs pyarrow (it comes with ray[data])")
+    env = {k: v for k, v in _env().items() if not k.startswith("AWS_")}
+    env.update(AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE=str(tmp_path / "none"),
+               AWS_SHARED_CREDENTIALS_FILE=str(tmp_path / "none"))
+    uri = "s3://bucket/out?region=us-east-1&scheme=http&endpoint_override=127.0.0.1:9"
+    done = subprocess.run([sys.executable, str(REPO / "cli.py"), "batch", "--input-dir", str(images), "--prompt", "x",
+                           "-o", uri, "--results", str(tmp_path / "r.jsonl")],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "Traceback" not in done.stderr
+    assert done.stderr.startswith(f"error: --output {uri}: cannot write there: ") and "127.0.0.1:9" in done.stderr
+    assert not (tmp_path / "r.jsonl").exists()
+
+
 # -- local ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_uri_output_runs_and_resumes(run_batch, tiny_2511_dir, images, tmp_path, load_counter):
+    pytest.importorskip("pyarrow.fs", reason="a URI output needs pyarrow (it comes with ray[data])")
+    manifest = write_manifest(tmp_path / "m.csv", images, [*GOOD[:3], BAD["small.png"][0]])
+    out, results = tmp_path / "out", tmp_path / "results.jsonl"
+    argv = ["--manifest", manifest, "-o", f"file://{out}", "--results", results, "--model", tiny_2511_dir, *SETTINGS]
+    code, err = run_batch(*argv)
+    assert code == 1 and "not locked" in err, err
+    first = records(results)
+    assert collections.Counter(r["status"] for r in first) == {"done": 3, "failed": 1}
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.png")) == ["00002_p1.png", "both.png",
+                                                                                  "sky.png"]
+    assert not (out / batch.RESULTS_NAME).exists() and not (out / batch.LOCK_NAME).exists() and partials(out) == []
+    assert json.loads(Image.open(out / "sky.png").info["parameters"])["row_hash"] == \
+        next(r["hash"] for r in first if r["outputs"] == ["sky.png"])
+
+    load_counter.clear()
+    code, err = run_batch(*argv)
+    assert code == 1 and "3 already done" in err, err
+    assert collections.Counter(r["status"] for r in records(results)[len(first):]) == {"skipped": 3, "failed": 1}
+    assert load_counter == [], "the hashes were read back from the URI: nothing to run, nothing loaded"
 
 
 @pytest.mark.slow
@@ -439,6 +491,29 @@ def test_a_ray_actor_killed_mid_row_still_gives_every_row_once(local_ray, run_ba
     assert collections.Counter(r["row"] for r in results) == {n: 1 for n in range(1, len(GOOD) + 1)}
     assert all(r["status"] == "done" for r in results)
     assert len(list((tmp_path / "out").rglob("*.png"))) == len(GOOD) and partials(tmp_path / "out") == []
+
+
+@pytest.mark.slow
+def test_ray_writes_to_a_uri_output_even_when_an_actor_dies(local_ray, run_batch, tiny_2511_dir, images, tmp_path,
+                                                            monkeypatch):
+    """Actors write through pyarrow.fs (file://, the code path of s3:// and gs://); one dies between the
+    temporary key and the move, Ray retries its row, and every row lands once with no temporary key left."""
+    pytest.importorskip("pyarrow.fs")
+    marker = tmp_path / "crashed"
+    monkeypatch.setenv(batch.CRASH_ONCE_ENV, str(marker))
+    manifest = write_manifest(tmp_path / "m.csv", images, GOOD[:3])
+    out = tmp_path / "out"
+    code, err = run_batch("--manifest", manifest, "-o", f"file://{out}", "--results", tmp_path / "r.jsonl", "--ray",
+                          "--workers", "2", "--model", tiny_2511_dir, *SETTINGS)
+    assert code == 0, err
+    assert marker.is_file(), "no actor was killed: the test hook never ran"
+    results = records(tmp_path / "r.jsonl")
+    assert collections.Counter(r["row"] for r in results) == {1: 1, 2: 1, 3: 1}
+    assert all(r["status"] == "done" and r["worker"].startswith("ray-") for r in results)
+    assert sorted(p.name for p in out.rglob("*.png")) == ["00002_p1.png", "both.png", "sky.png"]
+    assert partials(out) == []
+    for record in results:
+        assert json.loads(Image.open(out / record["outputs"][0]).info["parameters"])["row_hash"] == record["hash"]
 
 
 def test_ray_is_an_extra_never_a_requirement():

@@ -163,6 +163,27 @@ def test_images_load_like_comfyui_loadimage(cli, tmp_path):
         cli.load_image(tmp_path / "bad.png")
 
 
+def test_masks_load_as_comfyui_masks(cli, tmp_path):
+    """White = edit; an image with alpha: 1 - alpha, as ComfyUI's Load Image makes its MASK."""
+    gray = np.zeros((4, 6), np.uint8)
+    gray[:, :3] = 255
+    Image.fromarray(gray).save(tmp_path / "gray.png")
+    mask = cli.load_mask(tmp_path / "gray.png")
+    assert tuple(mask.shape) == (1, 4, 6) and str(mask.dtype) == "torch.float32"
+    assert mask[0, 0, 0] == 1 and mask[0, 0, 5] == 0
+
+    rgba = np.zeros((4, 6, 4), np.uint8)
+    rgba[:, :, 3] = 255
+    rgba[:, :3, 3] = 0  # transparent = edit
+    Image.fromarray(rgba).save(tmp_path / "alpha.png")
+    assert np.array_equal(cli.load_mask(tmp_path / "alpha.png").numpy(), mask.numpy())
+    with pytest.raises(cli.CliError, match="mask not found"):
+        cli.load_mask(tmp_path / "none.png")
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(cli.CliError, match="cannot read the mask"):
+        cli.load_mask(tmp_path / "bad.png")
+
+
 def test_output_numbering(cli):
     assert cli.output_paths(Path("o/out.png"), 1) == [Path("o/out.png")]
     assert cli.output_paths(Path("out.png"), 2) == [Path("out_1.png"), Path("out_2.png")]
@@ -231,6 +252,36 @@ def test_edit_two_images_and_several_results(run_main, tiny_2511_dir, inputs, tm
     first, second = (np.array(Image.open(p)) for p in paths)
     assert first.shape == second.shape == (32, 64, 3)
     assert not np.array_equal(first, second), "the two variations are identical"
+
+
+@pytest.mark.slow
+def test_edit_with_a_mask_changes_only_the_masked_pixels(run_main, tiny_2511_dir, inputs, tmp_path, load_counter):
+    source = np.array(Image.open(inputs["image"]).convert("RGB"))  # 80x48
+    mask = np.zeros(source.shape[:2], np.uint8)
+    mask[8:40, 10:40] = 255  # edit a box on the left; grow 0, so everything else must stay as it was
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    out = tmp_path / "masked.png"
+    code, stdout, stderr = run_main(
+        "edit", "--image", inputs["image"], "--mask", tmp_path / "mask.png", "--prompt", "Make it red",
+        "--output", out, "--model", tiny_2511_dir, "--steps", 2, "--size-mode", "custom", "--width", 32,
+        "--height", 32, "--grow", 0, "--feather", 0)
+    assert code == 0, stderr
+    result = np.array(Image.open(out))
+    assert result.shape == source.shape, "a masked edit keeps the image's size"
+    outside = mask == 0
+    assert np.array_equal(result[outside], source[outside]), "pixels outside the mask changed"
+    assert (result[~outside] != source[~outside]).any(), "nothing was edited inside the mask"
+
+    # A mask of another shape is refused before any model load, in one line.
+    Image.fromarray(np.zeros((10, 40), np.uint8) + 255).save(tmp_path / "wide.png")
+    load_counter.clear()
+    code, stdout, stderr = run_main("edit", "--image", inputs["image"], "--mask", tmp_path / "wide.png",
+                                    "--prompt", "x", "--output", tmp_path / "no.png", "--model", tiny_2511_dir)
+    assert code == 1 and "mask is 40x10" in stderr and "Traceback" not in stderr, stderr
+    assert load_counter == [] and not (tmp_path / "no.png").exists()
+    code, stdout, stderr = run_main("edit", "--image", inputs["image"], "--mask", tmp_path / "none.png",
+                                    "--prompt", "x", "--output", tmp_path / "no.png", "--model", tiny_2511_dir)
+    assert code == 2 and "mask not found" in stderr
 
 
 def test_bad_request_fails_before_any_load(run_main, tiny_2511_dir, inputs, tmp_path, load_counter):
