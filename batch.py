@@ -947,13 +947,13 @@ def _run(cli: types.ModuleType, pack: types.ModuleType, args: argparse.Namespace
             raise BatchError(f"{option} {value}: inputs are not read from URIs; mount the bucket (e.g. s3fs, "
                              "gcsfuse) and give its path, the same on every node (--output may be a URI)")
     remote: RemoteOutput | None = None
+    output_dir: Path | None = None  # a local output folder; None for a URI
     if isinstance(args.output, str):  # a URI (see _location)
         if args.results is None:
             raise BatchError(f"--output {args.output} is a URI: give --results PATH, a local file for the results "
                              "(an object store cannot append to one)")
         remote = RemoteOutput(args.output)
         remote.check()
-        output_dir = Path("/nonexistent-remote-output")  # never used with a remote output
     else:
         output_dir = args.output.expanduser().resolve()
     use_ray = bool(args.ray or args.ray_address)
@@ -961,7 +961,8 @@ def _run(cli: types.ModuleType, pack: types.ModuleType, args: argparse.Namespace
         raise BatchError("give --gpus (one worker per GPU) or --workers (CPU workers), not both")
     if args.gpus is not None and loader.get("device") not in ("auto", "cuda"):
         raise BatchError(f"--gpus gives each worker one GPU as its device; leave --device on auto, not {args.device}")
-    job = Job(loader_node, loader, remote.uri if remote else str(output_dir), os.environ.get(CRASH_ONCE_ENV) or None)
+    job = Job(loader_node, loader, str(output_dir) if remote is None else remote.uri,
+              os.environ.get(CRASH_ONCE_ENV) or None)
     if args.manifest is not None:
         manifest = args.manifest.expanduser().resolve()
         rows, base = read_manifest(manifest), manifest.parent
@@ -970,18 +971,18 @@ def _run(cli: types.ModuleType, pack: types.ModuleType, args: argparse.Namespace
             raise BatchError("--input-dir needs --prompt (the edit applied to every image)")
         rows, base = folder_rows(args.input_dir.expanduser().resolve()), Path.cwd()
 
-    results_path = (args.results.expanduser().resolve() if args.results else output_dir / RESULTS_NAME)
+    results_path = args.results.expanduser().resolve() if args.results else output_dir / RESULTS_NAME
     if remote is not None:
         print(f"note: {remote.uri} is not locked (an object store has no reliable lock): run one batch at a time "
               "on it", file=sys.stderr)
 
     def sweep() -> None:
-        if remote is not None:
+        if output_dir is None:
             remote.sweep_partials()
         else:
             sweep_partials(output_dir)
 
-    with output_lock(output_dir) if remote is None else contextlib.nullcontext():
+    with contextlib.nullcontext() if output_dir is None else output_lock(output_dir):
         sweep()
         plan = plan_rows(cli, pack, rows, base, job, defaults, args.overwrite,
                          remote.stored_hash if remote is not None else None)
