@@ -8,15 +8,15 @@ memory figure and the full-size 20B-parameter transformer on a GPU machine.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import pathlib
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
 from tinykit import tiny_pipeline as kit
+from tinykit.real_shapes import default_dtype
 
 #: Qwen-Image-Edit-2511's transformer config (public model config; zero_cond_t marks 2511).
 FULL_TRANSFORMER = {
@@ -41,16 +41,6 @@ def large_transformer_config(num_layers: int = 4, joint_attention_dim: int = kit
     """
     return {**kit.tiny_transformer_config(True), "num_layers": num_layers, "attention_head_dim": 128,
             "num_attention_heads": 8, "axes_dims_rope": (16, 56, 56), "joint_attention_dim": joint_attention_dim}
-
-
-@contextlib.contextmanager
-def default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def _construct(factory: Any, device: str, dtype: torch.dtype, seed: int) -> Any:

@@ -72,9 +72,10 @@ def real_config(component: str, **changes: Any) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Build modules in `dtype` (their parameters are created in the default dtype)."""
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+    torch.setdefault_dtype(dtype)
     try:
         yield
     finally:
@@ -113,7 +114,7 @@ def _fill_random(model: torch.nn.Module, seed: int, dtype: torch.dtype) -> torch
 
 def _on_meta(build: Any, dtype: torch.dtype) -> Any:
     """Built in `dtype` on the meta device: no memory, and `to_empty` then allocates `dtype` directly."""
-    with torch.device("meta"), _default_dtype(dtype):
+    with torch.device("meta"), default_dtype(dtype):
         return build()
 
 
@@ -131,7 +132,7 @@ def build_real_vae(seed: int = 1, dtype: torch.dtype = torch.bfloat16) -> Autoen
     from diffusers import AutoencoderKLQwenImage
 
     torch.manual_seed(seed)
-    with _default_dtype(dtype):
+    with default_dtype(dtype):
         return AutoencoderKLQwenImage.from_config(real_config("vae")).eval()
 
 
