@@ -75,7 +75,7 @@ def real_config(component: str, **changes: Any) -> dict[str, Any]:
 def default_dtype(dtype: torch.dtype) -> Iterator[None]:
     """Build modules in `dtype` (their parameters are created in the default dtype)."""
     previous = torch.get_default_dtype()
-    torch.setdefault_dtype(dtype)
+    torch.set_default_dtype(dtype)
     try:
         yield
     finally:
