@@ -372,17 +372,11 @@ def _crash_point(marker: str | None) -> None:
 def write_png(array: Any, path: Path, text: dict[str, str], crash_marker: str | None = None) -> None:
     """Write a uint8 `[H, W, 3]` array as PNG with `text` chunks, atomically: a temporary file in the same
     folder, flushed to disk, then renamed over `path`. Readers never see a half-written file."""
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    info = PngInfo()
-    for key, value in text.items():
-        info.add_text(key, value)
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
     try:
         with open(temporary, "wb") as handle:
-            Image.fromarray(array).save(handle, format="PNG", pnginfo=info, compress_level=4)
+            handle.write(_png_bytes(array, text))
             handle.flush()
             os.fsync(handle.fileno())
         _crash_point(crash_marker)
@@ -568,15 +562,11 @@ class Worker:
         for library in ("transformers", "diffusers"):  # one row bar, not a loading bar per worker
             with contextlib.suppress(Exception):
                 importlib.import_module(f"{library}.utils.logging").disable_progress_bar()
-        sampler = self.pack.NODE_CLASS_MAPPINGS[cli.SAMPLER_NODE]
-        self.accepts_mask = "mask" in sampler.INPUT_TYPES().get("optional", {})
         self.remote = RemoteOutput(job.output_dir) if is_uri(job.output_dir) else None
         self.handle, _ = cli._load(self.pack, dict(job.loader), job.loader_node)
 
     def run(self, task: dict[str, Any]) -> dict[str, Any]:
         """Edit one row and write its outputs; a bad row gives a failed record, Cancelled propagates."""
-        import numpy as np
-
         cli = self.cli
         start = time.perf_counter()
         record = {"row": task["row"], "status": "done", "outputs": task["outputs"], "seconds": None, "error": None,
@@ -585,13 +575,11 @@ class Worker:
             images = {name: cli.load_image(Path(p)) for name, p in zip(("image", "image2", "image3"), task["images"])}
             kwargs: dict[str, Any] = {"pipe": self.handle, **images, **task["sampler"]}
             if task.get("mask"):
-                if not self.accepts_mask:
-                    raise BatchError("this row has a mask, but this version of the sampler node has no mask input")
                 kwargs["mask"] = cli.load_mask(Path(task["mask"]))
             result = cli.run_sampler(self.pack, kwargs)
             output_dir = Path(self.job.output_dir)
             for image, name in zip(result, task["outputs"]):
-                array = np.clip(255.0 * image.cpu().numpy(), 0, 255).astype(np.uint8)  # ComfyUI's SaveImage
+                array = cli.image_array(image)
                 if self.remote is not None:
                     self.remote.write_png(array, name, task["text"], self.job.crash_marker)
                 else:

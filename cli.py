@@ -346,21 +346,26 @@ def output_paths(output: Path, count: int) -> list[Path]:
     return [output.with_name(f"{output.stem}_{i:0{width}d}{output.suffix}") for i in range(1, count + 1)]
 
 
+def image_array(image: Any) -> Any:
+    """One IMAGE `[H, W, 3]` as uint8, converted as ComfyUI's SaveImage does (`clip(255 * x)`)."""
+    import numpy as np
+
+    return np.clip(255.0 * image.cpu().numpy(), 0, 255).astype(np.uint8)
+
+
 def save_images(images: Any, output: Path, prompt: dict | None = None) -> list[Path]:
     """IMAGE `[N, H, W, 3]` to files, converted as ComfyUI's SaveImage does (`clip(255 * x)` to uint8).
 
     PNGs carry the API-format prompt in their "prompt" text chunk, as SaveImage writes it: dropping the
     file on ComfyUI opens the same loader and sampler settings as a workflow.
     """
-    import numpy as np
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
     output.parent.mkdir(parents=True, exist_ok=True)
     paths = output_paths(output, images.shape[0])
     for image, path in zip(images, paths):
-        array = np.clip(255.0 * image.cpu().numpy(), 0, 255).astype(np.uint8)
-        pil = Image.fromarray(array)
+        pil = Image.fromarray(image_array(image))
         if path.suffix.lower() == ".png" or not path.suffix:
             info = PngInfo()
             if prompt is not None:

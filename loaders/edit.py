@@ -50,7 +50,7 @@ def edit(handle: PipeHandle, req: EditRequest, images: list[torch.Tensor | None]
     masks = None
     if mask is not None:
         first = present[0]
-        batch = max(img.shape[0] if img.ndim == 4 else 1 for img in present)
+        batch = _batch_size(present)
         masks = masking.check_masks(mask, batch, first.shape[-2], first.shape[-3])
         if all(masking.mask_box(m) is None for m in masks):
             log.info("Qwen-Image-Edit: the mask is empty, so the image is returned unchanged without running "
@@ -74,6 +74,11 @@ def edit(handle: PipeHandle, req: EditRequest, images: list[torch.Tensor | None]
 def _unchanged(image: torch.Tensor, batch: int, copies: int) -> torch.Tensor:
     rgb = to_rgb(image).cpu()
     return rgb.expand(batch, *rgb.shape[1:]).repeat_interleave(copies, dim=0).contiguous()
+
+
+def _batch_size(present: list[torch.Tensor]) -> int:
+    """Edits to make: the largest batch among the images (validate() allows only 1 or that size)."""
+    return max(img.shape[0] if img.ndim == 4 else 1 for img in present)
 
 
 def _item(images: torch.Tensor, index: int) -> torch.Tensor:
@@ -159,7 +164,7 @@ def run_edit(
     callback, which stops at once without the VAE decode and leaves the pipeline reusable.
     """
     present = validate(req, images)
-    batch = max(img.shape[0] if img.ndim == 4 else 1 for img in present)
+    batch = _batch_size(present)
     first = present[0]
     width, height, exact = output_size(req, first.shape[-2], first.shape[-3])
     if req.size_mode == "match" and pipeline_reference_size(first.shape[-2], first.shape[-3]) != (first.shape[-2], first.shape[-3]):
@@ -200,7 +205,7 @@ def run_masked_edit(
     with an empty mask is returned unchanged without running the model.
     """
     present = validate(req, images, masked=True)
-    batch = max(img.shape[0] if img.ndim == 4 else 1 for img in present)
+    batch = _batch_size(present)
     height, width = present[0].shape[-3], present[0].shape[-2]
     run = _Run(loaded, comfy.Progress(batch * req.steps, printer), lora_names)
     outputs = []
